@@ -1,0 +1,42 @@
+# vla_train developer commands. `make demo` and `make test` each create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test test-fast lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv: pinned torch ($(TORCH)), then vla_train[dev]
+
+demo: $(STAMP)  ## train + validate + export + predict on the embedded synthetic default (configs/demo.yaml)
+	$(BIN)/vla-train --config_path configs/demo.yaml
+	$(BIN)/vla-export --run_dir runs/demo --predict_samples 3
+
+test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)  ## unit tests only (skips the slow end-to-end runs)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)  ## ruff lint + format check
+	$(BIN)/ruff check vla_train scripts tests
+	$(BIN)/ruff format --check vla_train scripts tests
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix vla_train scripts tests
+	$(BIN)/ruff format vla_train scripts tests
+
+clean:  ## remove runs, caches and the venv
+	rm -rf $(VENV) runs .pytest_cache

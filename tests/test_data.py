@@ -1,0 +1,119 @@
+"""The synthetic tfds builder, RLDS reading, statistics caching and the frame stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vla_train.config import SyntheticDataConfig
+from vla_train.data import rlds
+from vla_train.data.loader import FrameStream, StreamSpec
+from vla_train.data.synthetic import DATASET_NAME, _target_action, generate_episode
+
+
+def test_builder_writes_oxe_layout(small_synthetic):
+    root, cfg = small_synthetic
+    builder = rlds.open_builder(root, DATASET_NAME)
+    assert set(builder.info.splits) == {"train", "val"}
+    assert builder.info.splits["train"].num_examples == cfg.num_train_episodes
+    steps = builder.info.features["steps"]
+    assert set(steps.keys()) >= {"observation", "action", "language_instruction", "is_first", "is_last",
+                                 "is_terminal", "reward", "discount"}
+    assert steps["observation"]["image"].shape == (32, 32, 3)
+    assert steps["observation"]["image"].encoding_format == "jpeg"
+    ep = next(iter(builder.as_dataset("train").take(1)))
+    assert ep["steps"].cardinality() == cfg.steps_per_episode
+    first = next(iter(ep["steps"]))
+    assert bool(first["is_first"]) and first["action"].shape == (7,)
+
+
+def test_task_needs_image_and_instruction():
+    """The same instruction in two scenes, and two instructions in one scene, demand different actions."""
+    rng = np.random.default_rng(0)
+    eps = [generate_episode(rng, SyntheticDataConfig(steps_per_episode=2, image_size=32)) for _ in range(200)]
+    by_instruction: dict[str, set] = {}
+    for e in eps:
+        s = e["steps"][0]
+        by_instruction.setdefault(s["language_instruction"], set()).add(tuple(np.round(s["action"], 3)))
+    assert all(len(actions) > 1 for actions in by_instruction.values())
+    # one scene (target red at column 0, row 2): approach and retreat differ in every dimension but one
+    a, b = _target_action("red", 0, 2, +1), _target_action("red", 0, 2, -1)
+    assert (a != b).sum() >= 6
+
+
+def test_statistics_match_numpy_and_are_cached(small_synthetic, tmp_path, monkeypatch):
+    root, _ = small_synthetic
+    stats = rlds.get_statistics(str(root), DATASET_NAME, str(tmp_path))
+    builder = rlds.open_builder(root, DATASET_NAME)
+    actions = np.concatenate([t["action"] for t in rlds.numeric_trajectories(builder, DATASET_NAME)])
+    assert stats["num_transitions"] == len(actions) == 30 * 4 and stats["num_trajectories"] == 30
+    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(actions, 0.99, axis=0), rtol=1e-6)
+    files = list(tmp_path.glob(f"{DATASET_NAME}_*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == stats
+
+    def fail(*a, **k):
+        raise AssertionError("statistics recomputed although cached")
+
+    monkeypatch.setattr(rlds, "numeric_trajectories", fail)
+    assert rlds.get_statistics(str(root), DATASET_NAME, str(tmp_path)) == stats
+
+
+def spec(root, **kw):
+    base = dict(data_root_dir=str(root), dataset_name=DATASET_NAME, image_size=16, batch_size=8, seed=1, train=True,
+                shuffle_buffer_size=50)
+    return StreamSpec(**{**base, **kw})
+
+
+def test_frame_stream_batches_are_normalized_and_resized(small_synthetic, tmp_path):
+    root, _ = small_synthetic
+    stats = rlds.get_statistics(str(root), DATASET_NAME, str(tmp_path))
+    batch = next(iter(FrameStream(spec(root), stats)))
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
+    assert batch["action"].shape == (8, 7) and np.abs(batch["action"]).max() <= 1.0
+    assert set(np.unique(batch["action"][:, 6])) <= {0.0, 1.0}  # gripper passes raw
+    assert all(isinstance(s, str) and s for s in batch["instruction"])
+
+
+def test_stream_is_deterministic_and_resumes_exactly(small_synthetic, tmp_path):
+    root, _ = small_synthetic
+    stats = rlds.get_statistics(str(root), DATASET_NAME, str(tmp_path))
+    stream = FrameStream(spec(root), stats)
+    it = iter(stream)
+    first = [next(it) for _ in range(3)]
+    state = stream.state_dict()
+    rest = [next(it) for _ in range(20)]  # 23 batches of 8 > 96 train frames: crosses an epoch boundary
+    restored = FrameStream(spec(root), stats)
+    restored.load_state_dict(state)
+    again = iter(restored)
+    for want in rest:
+        got = next(again)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        assert got["instruction"] == want["instruction"]
+    replay = next(iter(FrameStream(spec(root), stats)))
+    np.testing.assert_array_equal(replay["image"], first[0]["image"])
+
+
+def test_ablations(small_synthetic, tmp_path):
+    root, _ = small_synthetic
+    stats = rlds.get_statistics(str(root), DATASET_NAME, str(tmp_path))
+    blank = next(iter(FrameStream(spec(root, ablation="blank_image"), stats)))
+    assert blank["image"].max() == 0
+    fixed = next(iter(FrameStream(spec(root, ablation="fixed_instruction"), stats)))
+    assert len(set(fixed["instruction"])) == 1
+
+
+def test_eval_stream_is_one_ordered_pass_over_val(small_synthetic, tmp_path):
+    root, cfg = small_synthetic
+    stats = rlds.get_statistics(str(root), DATASET_NAME, str(tmp_path))
+    batches = list(FrameStream(spec(root, train=False), stats))
+    assert sum(len(b["instruction"]) for b in batches) == cfg.num_val_episodes * cfg.steps_per_episode
+
+
+def test_missing_dataset_is_named(tmp_path):
+    with pytest.raises(rlds.DatasetError, match="dataset 'nope'"):
+        rlds.open_builder(tmp_path, "nope")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(rlds.DatasetError, match="dataset 'half'.*dataset_info.json"):
+        rlds.open_builder(tmp_path, "half")

@@ -1,0 +1,68 @@
+"""Console entry points. Each parses and validates its config first (naming any bad field) and only then
+imports torch/TensorFlow and starts work."""
+
+from __future__ import annotations
+
+import sys
+
+from vla_train.config import ConfigError, ExportConfig, StatsConfig, TrainConfig, parse_config
+
+
+def _fail(e: Exception) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """vla-train --config_path configs/demo.yaml [--training.max_steps 20 ...]"""
+    try:
+        cfg = parse_config(TrainConfig, argv)
+    except ConfigError as e:
+        _fail(e)
+    from vla_train.data.rlds import DatasetError
+    from vla_train.training.trainer import train
+
+    try:
+        train(cfg)
+    except DatasetError as e:
+        _fail(e)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """vla-export --run_dir runs/demo [--output_dir DIR] [--predict_samples 3]"""
+    try:
+        cfg = parse_config(ExportConfig, argv)
+    except ConfigError as e:
+        _fail(e)
+    from vla_train.export import export_run
+
+    export_run(cfg)
+
+
+def stats_main(argv: list[str] | None = None) -> None:
+    """vla-stats --data.data_root_dir DIR --data.dataset_name NAME: compute (or show cached) statistics."""
+    try:
+        cfg = parse_config(StatsConfig, argv)
+    except ConfigError as e:
+        _fail(e)
+    import json
+
+    from vla_train.data.rlds import DatasetError, get_statistics
+
+    try:
+        stats = get_statistics(cfg.data.data_root_dir, cfg.data.dataset_name, cfg.data.stats_cache_dir)
+    except DatasetError as e:
+        _fail(e)
+    print(json.dumps({cfg.data.dataset_name: stats}, indent=2))
+
+
+def data_main(argv: list[str] | None = None) -> None:
+    """vla-data --data.data_root_dir DIR [--data.synthetic.num_train_episodes N]: build the synthetic dataset."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(StatsConfig, argv + ["--data.build_synthetic", "true"])
+    except ConfigError as e:
+        _fail(e)
+    from vla_train.data.synthetic import build_synthetic_dataset
+
+    print(build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic))

@@ -1,0 +1,115 @@
+"""Action/proprio normalization (OpenVLA semantics) and dataset statistics, computed once and cached.
+
+Statistics: one streaming pass over the numeric fields only (images are never decoded), giving
+`mean, std, min, max, q01, q99` for action and proprio plus `num_transitions`, `num_trajectories`.
+They are cached as JSON under a key that changes when the data or the standardization changes.
+
+This module imports no TensorFlow at import time: exported models use `unnormalize` without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NORMALIZATIONS = ("bounds_q99", "bounds", "normal")
+
+
+def default_action_mask(action_dim: int) -> list[bool]:
+    """7-DoF EEF deltas + gripper: normalize the first action_dim - 1 dims, pass the gripper raw."""
+    return [True] * (action_dim - 1) + [False]
+
+
+def _bounds(stats: dict, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    if mode == "bounds_q99":
+        return np.asarray(stats["q01"], np.float64), np.asarray(stats["q99"], np.float64)
+    if mode == "bounds":
+        return np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64)
+    raise ValueError(f"unknown normalization '{mode}'; use one of {NORMALIZATIONS}")
+
+
+def normalize(x: np.ndarray, stats: dict, mode: str, mask: list[bool] | None = None) -> np.ndarray:
+    """Physical -> normalized. Dimensions with mask False pass through; min == max dims become 0."""
+    x = np.asarray(x, np.float64)
+    m = np.ones(x.shape[-1], bool) if mask is None else np.asarray(mask, bool)
+    if mode == "normal":
+        out = (x - np.asarray(stats["mean"])) / (np.asarray(stats["std"]) + 1e-8)
+    else:
+        low, high = _bounds(stats, mode)
+        out = np.clip(2 * (x - low) / (high - low + 1e-8) - 1, -1, 1)
+    out = np.where(m, out, x)
+    if mode != "normal":
+        out = np.where(np.asarray(stats["min"]) == np.asarray(stats["max"]), 0.0, out)
+    return out.astype(np.float32)
+
+
+def unnormalize(a: np.ndarray, stats: dict, mode: str = "bounds_q99", mask: list[bool] | None = None) -> np.ndarray:
+    """Normalized -> physical (the inverse of `normalize` on the masked dims)."""
+    a = np.asarray(a, np.float64)
+    m = np.asarray(stats.get("mask", [True] * a.shape[-1]) if mask is None else mask, bool)
+    if mode == "normal":
+        out = a * (np.asarray(stats["std"]) + 1e-8) + np.asarray(stats["mean"])
+    else:
+        low, high = _bounds(stats, mode)
+        out = 0.5 * (a + 1) * (high - low) + low
+    return np.where(m, out, a).astype(np.float32)
+
+
+def summarize(values: np.ndarray) -> dict[str, list[float]]:
+    v = np.asarray(values, np.float64)
+    return {
+        "mean": v.mean(0).tolist(),
+        "std": v.std(0).tolist(),
+        "max": v.max(0).tolist(),
+        "min": v.min(0).tolist(),
+        "q01": np.quantile(v, 0.01, axis=0).tolist(),
+        "q99": np.quantile(v, 0.99, axis=0).tolist(),
+    }
+
+
+def statistics_from_trajectories(trajectories, action_mask: list[bool]) -> dict[str, Any]:
+    """trajectories: iterable of dicts with numpy `action` [T, A] and `proprio` [T, P] (numeric only)."""
+    actions, proprios, num_traj = [], [], 0
+    for traj in trajectories:
+        actions.append(np.asarray(traj["action"]))
+        proprios.append(np.asarray(traj["proprio"]))
+        num_traj += 1
+    if num_traj == 0:
+        raise ValueError("the dataset has no episodes: cannot compute statistics")
+    action = np.concatenate(actions)
+    proprio = np.concatenate(proprios)
+    if not np.isfinite(action).all():
+        raise ValueError("the dataset's actions contain NaN or inf values: fix or filter those episodes")
+    return {
+        "action": {**summarize(action), "mask": list(action_mask)},
+        "proprio": summarize(proprio) if proprio.shape[-1] else {},
+        "num_transitions": int(action.shape[0]),
+        "num_trajectories": num_traj,
+    }
+
+
+def cache_key(dataset_info: dict[str, Any], state_keys: list[str], standardize_fn: str) -> str:
+    blob = json.dumps({"info": dataset_info, "state": state_keys, "fn": standardize_fn}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stats_cache_path(cache_dir: str | Path, dataset_name: str, key: str) -> Path:
+    return Path(cache_dir) / f"{dataset_name}_{key}.json"
+
+
+def load_cached(path: Path) -> dict[str, Any] | None:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def save_cached(path: Path, stats: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(stats, indent=2))
+    tmp.replace(path)  # atomic: a reader never sees a half-written file

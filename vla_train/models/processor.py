@@ -1,0 +1,101 @@
+"""Turns frames into model inputs: images -> 6-channel pixel values (DINOv2 + SigLIP normalization),
+instructions + action tokens -> padded input ids, attention mask and labels (OpenVLA's masking).
+
+Saved with the model (`processor_config.json`), so an exported directory needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vla_train.models.action_tokenizer import ActionTokenizer
+from vla_train.models.prompting import IGNORE_INDEX, PromptBuilder
+from vla_train.models.vision import DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD
+
+PROCESSOR_FILE = "processor_config.json"
+
+
+@dataclass
+class ProcessorSettings:
+    image_size: int
+    # Evaluation-time centre crop of this area fraction, resized back (1.0 = none). OpenVLA uses 0.9 for
+    # models trained with random-resized-crop augmentation.
+    center_crop_area: float = 1.0
+    max_length: int = 2048
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / PROCESSOR_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> ProcessorSettings:
+        return cls(**json.loads((Path(directory) / PROCESSOR_FILE).read_text()))
+
+
+class VLAProcessor:
+    def __init__(self, tokenizer, settings: ProcessorSettings, empty_piece_id: int | None, n_action_bins: int):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.action_tokenizer = ActionTokenizer(len(tokenizer) - 1, n_action_bins)  # base vocab = all but <pad>
+        self.prompt_builder = PromptBuilder(tokenizer, empty_piece_id)
+        mean = torch.tensor(DINO_MEAN + SIGLIP_MEAN).view(1, 6, 1, 1)
+        std = torch.tensor(DINO_STD + SIGLIP_STD).view(1, 6, 1, 1)
+        self._mean, self._std = mean, std
+
+    # ---- images ---------------------------------------------------------------------------------
+    def pixel_values(self, images_BHWC, train: bool = True) -> torch.Tensor:
+        """uint8 images [B, H, W, 3] (numpy or torch) -> float32 [B, 6, S, S].
+
+        Frames from the data pipeline are already at the model size; other sizes are resized (bicubic,
+        antialiased). At inference (train=False) the optional centre crop is applied.
+        """
+        x = torch.as_tensor(np.asarray(images_BHWC)) if not torch.is_tensor(images_BHWC) else images_BHWC
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"images must be uint8 [batch, height, width, 3] (RGB), got shape {tuple(x.shape)}"
+            )
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        s = self.settings.image_size
+        if not train and self.settings.center_crop_area < 1.0:
+            h, w = x.shape[-2:]
+            side = math.sqrt(self.settings.center_crop_area)
+            ch, cw = round(h * side), round(w * side)
+            top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[..., top : top + ch, left : left + cw]
+        if tuple(x.shape[-2:]) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        x = torch.cat([x, x], dim=1)
+        return (x - self._mean) / self._std
+
+    # ---- text -----------------------------------------------------------------------------------
+    def collate(self, images_BHWC, instructions: list[str], actions_BA: np.ndarray) -> dict[str, torch.Tensor]:
+        """A training batch: normalized actions become action tokens; labels only on them and EOS."""
+        action_ids = self.action_tokenizer.encode(actions_BA)
+        pairs = [self.prompt_builder.training_example(i, a) for i, a in zip(instructions, action_ids)]
+        L = max(len(ids) for ids, _ in pairs)
+        if L > self.settings.max_length:
+            raise ValueError(
+                f"a prompt has {L} tokens, more than the model's max_length {self.settings.max_length}; "
+                "shorten the instruction or raise model.max_length"
+            )
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(pairs), L), pad, dtype=torch.long)
+        labels = torch.full((len(pairs), L), IGNORE_INDEX, dtype=torch.long)
+        for b, (ids, lab) in enumerate(pairs):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            labels[b, : len(lab)] = torch.tensor(lab)
+        return {
+            "input_ids_BL": input_ids,
+            "attention_mask_BL": (input_ids != pad).long(),
+            "labels_BL": labels,
+            "pixel_values_BCHW": self.pixel_values(images_BHWC, train=True),
+        }
+
+    def inference_prompts(self, instructions: list[str]) -> list[list[int]]:
+        return [self.prompt_builder.prompt_ids(i) for i in instructions]

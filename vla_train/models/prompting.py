@@ -1,0 +1,48 @@
+"""OpenVLA's prompt and label masking.
+
+Sequence: BOS, `In: What action should the robot take to {instruction lower-cased}?\nOut: `, the empty
+piece if the tokenizer did not already end the prompt with it, `action_dim` action tokens, EOS.
+Labels are IGNORE_INDEX everywhere except the last action_dim + 1 positions (action tokens + EOS).
+Image patch embeddings are inserted by the model right after BOS, not here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+def prompt_text(instruction: str) -> str:
+    return f"In: What action should the robot take to {instruction.lower()}?\nOut: "
+
+
+class PromptBuilder:
+    """Turns (instruction, action token ids) into input ids and labels, caching the prompt ids."""
+
+    def __init__(self, tokenizer, empty_piece_id: int | None):
+        self.tokenizer = tokenizer
+        # Llama's sentencepiece piece "▁" (29871): present at the end of every training prompt, and
+        # appended at inference when the tokenizer did not produce it.
+        self.empty_piece_id = empty_piece_id
+        self._cache: dict[str, list[int]] = {}
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        ids = self._cache.get(instruction)
+        if ids is None:
+            ids = list(self.tokenizer(prompt_text(instruction), add_special_tokens=True).input_ids)
+            if ids[0] != self.tokenizer.bos_token_id:
+                ids = [self.tokenizer.bos_token_id] + ids
+            if self.empty_piece_id is not None and ids[-1] != self.empty_piece_id:
+                ids.append(self.empty_piece_id)
+            if len(self._cache) < 100_000:
+                self._cache[instruction] = ids
+        return list(ids)
+
+    def training_example(self, instruction: str, action_ids: np.ndarray) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for one frame; labels only on the action tokens and EOS."""
+        action_ids = [int(a) for a in np.asarray(action_ids).reshape(-1)]
+        input_ids = self.prompt_ids(instruction) + action_ids + [self.tokenizer.eos_token_id]
+        num_supervised = len(action_ids) + 1
+        labels = [IGNORE_INDEX] * (len(input_ids) - num_supervised) + input_ids[-num_supervised:]
+        return input_ids, labels
