@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from vla_test_utils import REPO, run_cli
 from vla_train.config import ConfigError, TrainConfig, parse_config
 
 
@@ -22,8 +21,16 @@ def test_every_preset_parses(preset, tmp_path):
 def test_cli_overrides_apply(tmp_path):
     cfg = parse_config(
         TrainConfig,
-        ["--config_path", str(REPO / "configs/demo.yaml"), "--training.max_steps", "20",
-         "--logging.output_dir", str(tmp_path), "--data.data_root_dir", str(tmp_path / "d")],
+        [
+            "--config_path",
+            str(REPO / "configs/demo.yaml"),
+            "--training.max_steps",
+            "20",
+            "--logging.output_dir",
+            str(tmp_path),
+            "--data.data_root_dir",
+            str(tmp_path / "d"),
+        ],
     )
     assert cfg.training.max_steps == 20 and cfg.data.build_synthetic
 
@@ -48,8 +55,10 @@ BASE = ["--config_path", "configs/demo.yaml"]
         (["--training.max_steps", "abc"], ["training.max_steps", "'abc'"]),
         (["--training.max_steps", "-5"], ["training.max_steps", "positive"]),
         (["--training.max_steps", "0"], ["training.max_steps", "positive"]),
-        (["--data.build_synthetic", "false", "--data.data_root_dir", "/nonexistent/vla"],
-         ["data.data_root_dir", "/nonexistent/vla", "does not exist"]),
+        (
+            ["--data.build_synthetic", "false", "--data.data_root_dir", "/nonexistent/vla"],
+            ["data.data_root_dir", "/nonexistent/vla", "does not exist"],
+        ),
         (["--logging.output_dir", "/etc/hostname/runs"], ["logging.output_dir", "not a writable directory"]),
         (["--logging.output_dir", "/proc/vla_runs"], ["logging.output_dir", "not a writable directory"]),
         (["--data.normalization", "minmax"], ["data.normalization", "bounds_q99"]),
@@ -84,8 +93,16 @@ def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(
             TrainConfig,
-            ["--training.batch_size", "0", "--lora.dropout", "1.5", "--logging.output_dir", str(tmp_path),
-             "--data.data_root_dir", str(tmp_path)],
+            [
+                "--training.batch_size",
+                "0",
+                "--lora.dropout",
+                "1.5",
+                "--logging.output_dir",
+                str(tmp_path),
+                "--data.data_root_dir",
+                str(tmp_path),
+            ],
         )
     assert "training.batch_size" in str(e.value) and "lora.dropout" in str(e.value)
 
@@ -93,7 +110,9 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_missing_dataset_names_what_was_found(tmp_path):
     (tmp_path / "other_ds").mkdir()
     with pytest.raises(ConfigError, match=r"data.dataset_name: no dataset 'vla_synthetic'.*other_ds"):
-        parse_config(TrainConfig, ["--data.data_root_dir", str(tmp_path), "--logging.output_dir", str(tmp_path)])
+        parse_config(
+            TrainConfig, ["--data.data_root_dir", str(tmp_path), "--logging.output_dir", str(tmp_path)]
+        )
 
 
 def test_export_requires_a_run_dir(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from vla_train.config import SyntheticDataConfig
 from vla_train.data import rlds
 from vla_train.data.loader import FrameStream, StreamSpec
-from vla_train.data.synthetic import DATASET_NAME, _target_action, generate_episode
+from vla_train.data.synthetic import DATASET_NAME, Block, generate_episode, target_action
 
 
 def test_builder_writes_oxe_layout(small_synthetic):
@@ -19,8 +19,16 @@ def test_builder_writes_oxe_layout(small_synthetic):
     assert set(builder.info.splits) == {"train", "val"}
     assert builder.info.splits["train"].num_examples == cfg.num_train_episodes
     steps = builder.info.features["steps"]
-    assert set(steps.keys()) >= {"observation", "action", "language_instruction", "is_first", "is_last",
-                                 "is_terminal", "reward", "discount"}
+    assert set(steps.keys()) >= {
+        "observation",
+        "action",
+        "language_instruction",
+        "is_first",
+        "is_last",
+        "is_terminal",
+        "reward",
+        "discount",
+    }
     assert steps["observation"]["image"].shape == (32, 32, 3)
     assert steps["observation"]["image"].encoding_format == "jpeg"
     ep = next(iter(builder.as_dataset("train").take(1)))
@@ -30,7 +38,8 @@ def test_builder_writes_oxe_layout(small_synthetic):
 
 
 def test_task_needs_image_and_instruction():
-    """The same instruction in two scenes, and two instructions in one scene, demand different actions."""
+    """The same instruction in different scenes, and different instructions in one scene, demand
+    different actions; and every action dimension reads its own attribute of the target block."""
     rng = np.random.default_rng(0)
     eps = [generate_episode(rng, SyntheticDataConfig(steps_per_episode=2, image_size=32)) for _ in range(200)]
     by_instruction: dict[str, set] = {}
@@ -38,9 +47,11 @@ def test_task_needs_image_and_instruction():
         s = e["steps"][0]
         by_instruction.setdefault(s["language_instruction"], set()).add(tuple(np.round(s["action"], 3)))
     assert all(len(actions) > 1 for actions in by_instruction.values())
-    # one scene (target red at column 0, row 2): approach and retreat differ in every dimension but one
-    a, b = _target_action("red", 0, 2, +1), _target_action("red", 0, 2, -1)
-    assert (a != b).sum() >= 6
+    red = Block("red", col=0, row=2, size=1, shade=2, shape=0)
+    blue = Block("blue", col=2, row=0, size=0, shade=1, shape=2)
+    np.testing.assert_allclose(target_action(red, +1), [-0.05, 0.05, 0.0, 0.1, -0.1, 0.1, 1.0], atol=1e-7)
+    np.testing.assert_allclose(target_action(red, -1), [0.05, -0.05, 0.0, -0.1, 0.1, -0.1, 0.0], atol=1e-7)
+    np.testing.assert_allclose(target_action(blue, +1), [0.05, -0.05, -0.04, 0.0, 0.1, 0.1, 1.0], atol=1e-7)
 
 
 def test_statistics_match_numpy_and_are_cached(small_synthetic, tmp_path, monkeypatch):
@@ -61,8 +72,15 @@ def test_statistics_match_numpy_and_are_cached(small_synthetic, tmp_path, monkey
 
 
 def spec(root, **kw):
-    base = dict(data_root_dir=str(root), dataset_name=DATASET_NAME, image_size=16, batch_size=8, seed=1, train=True,
-                shuffle_buffer_size=50)
+    base = dict(
+        data_root_dir=str(root),
+        dataset_name=DATASET_NAME,
+        image_size=16,
+        batch_size=8,
+        seed=1,
+        train=True,
+        shuffle_buffer_size=50,
+    )
     return StreamSpec(**{**base, **kw})
 
 

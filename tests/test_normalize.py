@@ -12,12 +12,24 @@ from vla_train.data.normalize import normalize, statistics_from_trajectories, un
 
 def stats_of(values):
     v = np.asarray(values, np.float64)
-    return {"mean": v.mean(0), "std": v.std(0), "min": v.min(0), "max": v.max(0),
-            "q01": np.quantile(v, 0.01, axis=0), "q99": np.quantile(v, 0.99, axis=0), "mask": [True, True, False]}
+    return {
+        "mean": v.mean(0),
+        "std": v.std(0),
+        "min": v.min(0),
+        "max": v.max(0),
+        "q01": np.quantile(v, 0.01, axis=0),
+        "q99": np.quantile(v, 0.99, axis=0),
+        "mask": [True, True, False],
+    }
 
 
 def test_bounds_q99_hand_computed():
-    stats = {"q01": [0.0, -2.0, 0.0], "q99": [10.0, 2.0, 1.0], "min": [0.0, -3.0, 0.0], "max": [10.0, 3.0, 1.0]}
+    stats = {
+        "q01": [0.0, -2.0, 0.0],
+        "q99": [10.0, 2.0, 1.0],
+        "min": [0.0, -3.0, 0.0],
+        "max": [10.0, 3.0, 1.0],
+    }
     x = np.array([[5.0, 1.0, 0.0], [12.0, -4.0, 1.0]])
     out = normalize(x, stats, "bounds_q99", mask=[True, True, False])
     # 2 * (5 - 0) / 10 - 1 = 0; 2 * (1 + 2) / 4 - 1 = 0.5; gripper raw; 12 and -4 clip to 1 and -1
@@ -25,8 +37,17 @@ def test_bounds_q99_hand_computed():
 
 
 def test_bounds_and_normal_and_constant_dims():
-    stats = {"min": [1.0, 2.0], "max": [3.0, 2.0], "q01": [0, 0], "q99": [1, 1], "mean": [1.0, 4.0], "std": [2.0, 0.5]}
-    np.testing.assert_allclose(normalize([[2.0, 2.0]], stats, "bounds"), [[0.0, 0.0]], atol=1e-6)  # min==max -> 0
+    stats = {
+        "min": [1.0, 2.0],
+        "max": [3.0, 2.0],
+        "q01": [0, 0],
+        "q99": [1, 1],
+        "mean": [1.0, 4.0],
+        "std": [2.0, 0.5],
+    }
+    np.testing.assert_allclose(
+        normalize([[2.0, 2.0]], stats, "bounds"), [[0.0, 0.0]], atol=1e-6
+    )  # min==max -> 0
     np.testing.assert_allclose(normalize([[5.0, 5.0]], stats, "normal"), [[2.0, 2.0]], atol=1e-6)
 
 

@@ -26,7 +26,9 @@ def test_local_tokenizer_layout():
     base = len(t) - 1
     assert (t.unk_token_id, t.bos_token_id, t.eos_token_id) == (0, 1, 2)
     assert t.pad_token_id == base  # pad right after the base vocabulary, like OpenVLA's 32000
-    assert t.convert_ids_to_tokens(base - 256) == "<act_0>" and t.convert_ids_to_tokens(base - 1) == "<act_255>"
+    assert (
+        t.convert_ids_to_tokens(base - 256) == "<act_0>" and t.convert_ids_to_tokens(base - 1) == "<act_255>"
+    )
     assert t.convert_ids_to_tokens(empty_piece_id(t)) == EMPTY_PIECE
     # instruction text never produces action ids
     ids = t(prompt_text("open the drawer quickly, then pick up the red block")).input_ids

@@ -122,7 +122,9 @@ class DataConfig:
             errs += self.synthetic.validate(f"{prefix}.synthetic")
             problem = writable_dir_problem(self.data_root_dir)
             if problem:
-                errs.append(_problem(f"{prefix}.data_root_dir", f"{problem} (the synthetic dataset is built there)"))
+                errs.append(
+                    _problem(f"{prefix}.data_root_dir", f"{problem} (the synthetic dataset is built there)")
+                )
         elif not Path(self.data_root_dir).is_dir():
             errs.append(
                 _problem(
@@ -157,16 +159,29 @@ class ModelConfig:
     dino_num_layers: int = 3
     dino_num_heads: int = 4
     dino_num_registers: int = 4
-    # SigLIP tower: width, depth, heads.
+    # DINOv2 MLP width (0 = 4 x width).
+    dino_intermediate_size: int = 0
+    # SigLIP tower: width, depth, heads, MLP width (0 = 4 x width; so400m: 4304).
     siglip_hidden_size: int = 64
     siglip_num_layers: int = 3
     siglip_num_heads: int = 4
-    # Llama language model: width, depth, heads, MLP width.
+    siglip_intermediate_size: int = 0
+    # Causal LM family from transformers: llama (OpenVLA) or qwen2 (MiniVLA-style).
+    llm_type: str = "llama"
+    # Language model: width, depth, heads, MLP width.
     llm_hidden_size: int = 128
     llm_num_layers: int = 4
     llm_num_heads: int = 4
     llm_intermediate_size: int = 344
-    # Size of the locally trained BPE text vocabulary (256 action tokens are added on top).
+    # Key/value heads for grouped-query attention (0 = llm_num_heads).
+    llm_num_kv_heads: int = 0
+    # Rotary base and RMSNorm epsilon (0 = the transformers default of llm_type).
+    llm_rope_theta: float = 0.0
+    llm_rms_norm_eps: float = 0.0
+    # Share the input embedding with the LM head (Qwen2.5-0.5B does; Llama-2/OpenVLA does not).
+    llm_tie_word_embeddings: bool = False
+    # Text vocabulary of a model built from config: a BPE trained locally on the instructions, filled up
+    # to this size; the n_action_bins action tokens follow, then <pad> (Llama-2: 31744 + 256 = 32000).
     text_vocab_size: int = 512
     # Maximum sequence length of the language model (text tokens + image patches).
     max_length: int = 512
@@ -174,8 +189,9 @@ class ModelConfig:
     action_dim: int = 7
     # Number of action bins (OpenVLA: 256).
     n_action_bins: int = 256
-    # Attention kernel: sdpa (default), eager, or flash_attention_2 (needs the `gpu` extra).
-    attn_implementation: str = "sdpa"
+    # Attention kernel: auto (flash_attention_2 when flash-attn is installed and CUDA is up, else sdpa),
+    # sdpa, eager, or flash_attention_2 (needs the `gpu` extra).
+    attn_implementation: str = "auto"
 
     def validate(self, prefix: str = "model") -> list[str]:
         errs = []
@@ -225,11 +241,28 @@ class ModelConfig:
                 )
         if self.text_vocab_size < 64:
             errs.append(_problem(f"{prefix}.text_vocab_size", "must be >= 64 to hold the prompt vocabulary"))
-        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        if self.llm_type not in ("llama", "qwen2"):
+            errs.append(_problem(f"{prefix}.llm_type", f"unknown '{self.llm_type}'; use llama or qwen2"))
+        if self.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
             errs.append(
                 _problem(
                     f"{prefix}.attn_implementation",
-                    f"unknown '{self.attn_implementation}'; use sdpa, eager or flash_attention_2",
+                    f"unknown '{self.attn_implementation}'; use auto, sdpa, eager or flash_attention_2",
+                )
+            )
+        if self.llm_num_kv_heads and self.llm_num_heads % self.llm_num_kv_heads:
+            errs.append(
+                _problem(
+                    f"{prefix}.llm_num_kv_heads",
+                    f"{self.llm_num_kv_heads} does not divide llm_num_heads {self.llm_num_heads}",
+                )
+            )
+        dino_mlp = self.dino_intermediate_size or 4 * self.dino_hidden_size
+        if dino_mlp % self.dino_hidden_size:
+            errs.append(
+                _problem(
+                    f"{prefix}.dino_intermediate_size",
+                    f"{dino_mlp} must be a multiple of dino_hidden_size {self.dino_hidden_size}",
                 )
             )
         num_patches = (self.image_size // self.patch_size) ** 2
@@ -304,7 +337,9 @@ class TrainingConfig:
     def validate(self, prefix: str = "training") -> list[str]:
         errs = []
         if self.max_steps < 1:
-            errs.append(_problem(f"{prefix}.max_steps", f"must be a positive step count, got {self.max_steps}"))
+            errs.append(
+                _problem(f"{prefix}.max_steps", f"must be a positive step count, got {self.max_steps}")
+            )
         if self.batch_size < 1:
             errs.append(_problem(f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}"))
         if not self.learning_rate > 0:
@@ -343,7 +378,9 @@ class LoggingConfig:
         errs = []
         if self.wandb_mode not in ("disabled", "offline", "online"):
             errs.append(
-                _problem(f"{prefix}.wandb_mode", f"unknown '{self.wandb_mode}'; use disabled, offline or online")
+                _problem(
+                    f"{prefix}.wandb_mode", f"unknown '{self.wandb_mode}'; use disabled, offline or online"
+                )
             )
         if self.log_every < 1:
             errs.append(_problem(f"{prefix}.log_every", "must be >= 1"))

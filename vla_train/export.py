@@ -58,7 +58,9 @@ def export_run(cfg: ExportConfig) -> Path:
         if train_cfg.lora.enabled:
             peft_model = apply_lora(model, train_cfg.lora)
             load_adapter_state_dict(peft_model, saved["trainable"])
-            unmerged = VLAPolicy(peft_model.eval(), processor).predict_tokens(frames["image"], frames["instruction"])
+            unmerged = VLAPolicy(peft_model.eval(), processor).predict_tokens(
+                frames["image"], frames["instruction"]
+            )
             model = peft_model.merge_and_unload()
         else:
             model.load_state_dict(saved["trainable"], strict=False)
@@ -82,7 +84,9 @@ def export_run(cfg: ExportConfig) -> Path:
         "num_check_frames": len(merged),
     }
     (out_dir / "export_report.json").write_text(json.dumps(report, indent=2))
-    print(f"exported {ckpt.name} of {run_dir} to {out_dir} (merged == unmerged == reloaded on {len(merged)} frames)")
+    print(
+        f"exported {ckpt.name} of {run_dir} to {out_dir} (merged == unmerged == reloaded on {len(merged)} frames)"
+    )
 
     if cfg.predict_samples:
         np.set_printoptions(precision=3, suppress=True, floatmode="fixed")
@@ -94,5 +98,7 @@ def export_run(cfg: ExportConfig) -> Path:
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         val = [m for m in metrics if "val/action_token_accuracy" in m]
         if val:
-            print(f"final val/action_token_accuracy: {val[-1]['val/action_token_accuracy']:.3f} (step {val[-1]['step']})")
+            print(
+                f"final val/action_token_accuracy: {val[-1]['val/action_token_accuracy']:.3f} (step {val[-1]['step']})"
+            )
     return out_dir

@@ -4,10 +4,9 @@ batches with normalized actions, and its torch-side iterable with a resumable po
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
-
-import numpy as np
+from typing import Any
 
 from vla_train.data import tf_setup  # noqa: F401
 from vla_train.data.normalize import normalize
@@ -40,7 +39,9 @@ def _decode_resize(image_bytes, size: int):
         same,
         lambda: img,
         lambda: tf.cast(
-            tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], method="lanczos3", antialias=True)), 0, 255),
+            tf.clip_by_value(
+                tf.round(tf.image.resize(img, [size, size], method="lanczos3", antialias=True)), 0, 255
+            ),
             tf.uint8,
         ),
     )
@@ -56,7 +57,11 @@ def build_tf_dataset(spec: StreamSpec):
     builder = open_builder(spec.data_root_dir, spec.dataset_name)
     parallel = spec.num_parallel_calls or tf.data.AUTOTUNE
     ds = read_episodes(
-        builder, split_for(builder, spec.train), shuffle_files=spec.train, seed=spec.seed, dataset_name=spec.dataset_name
+        builder,
+        split_for(builder, spec.train),
+        shuffle_files=spec.train,
+        seed=spec.seed,
+        dataset_name=spec.dataset_name,
     )
     # Episodes without an instruction carry no supervision for a language-conditioned policy.
     ds = ds.filter(lambda t: tf.strings.length(t["task"]["language_instruction"][0]) > 0)
@@ -112,7 +117,9 @@ class FrameStream:
             yield {
                 "image": batch["image"],
                 "instruction": [s.decode() for s in batch["instruction"]],
-                "action": normalize(batch["action"], stats["action"], self.spec.normalization, stats["action"]["mask"]),
+                "action": normalize(
+                    batch["action"], stats["action"], self.spec.normalization, stats["action"]["mask"]
+                ),
                 "action_raw": batch["action"],
                 "proprio": batch["proprio"],
                 "dataset_name": [s.decode() for s in batch["dataset_name"]],

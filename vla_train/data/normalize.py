@@ -48,7 +48,9 @@ def normalize(x: np.ndarray, stats: dict, mode: str, mask: list[bool] | None = N
     return out.astype(np.float32)
 
 
-def unnormalize(a: np.ndarray, stats: dict, mode: str = "bounds_q99", mask: list[bool] | None = None) -> np.ndarray:
+def unnormalize(
+    a: np.ndarray, stats: dict, mode: str = "bounds_q99", mask: list[bool] | None = None
+) -> np.ndarray:
     """Normalized -> physical (the inverse of `normalize` on the masked dims)."""
     a = np.asarray(a, np.float64)
     m = np.asarray(stats.get("mask", [True] * a.shape[-1]) if mask is None else mask, bool)

@@ -1,25 +1,27 @@
 """A real tfds builder that writes learnable synthetic RLDS episodes in the Open X-Embodiment layout.
 
-Each episode shows one tabletop scene: three coloured blocks (three of four colours) on distinct cells
-of a 3x3 grid, over a textured background. The instruction names a target block by colour and a verb
-that means either approach it or back away from it ("reach for the red block", "move away from the
-blue cube", ...). Every action dimension is a function of BOTH the target block's grid cell (visible only
-in the image) and the instruction (which block, which direction), so a policy that ignores either input
-cannot score well:
+Each episode shows one tabletop scene: three blocks of distinct colours (three of four) on distinct cells
+of a 3x3 grid over a textured background; each block also has a size, a shade and a shape (solid,
+hollow, cross), each one of three. The instruction names the target block by colour and a verb that means
+approach it or back away from it ("reach for the red block", "move away from the blue cube", ...).
+Each action dimension reads a different attribute of the target block, signed by the verb:
 
-    v = +1 (approach) or -1 (retreat); (c, r) = target column/row in {0, 1, 2}
-    action = [0.05 v (c-1), 0.05 v (r-1), 0.04 v s, 0.1 (c-1) v', 0.1 v (r-1), 0.1 v sign(c-r), g]
-    s = +1 if (c + r) is even else -1;  v' = v if the target colour is red/green else -v
-    g = 1 (open) if (v > 0) == (c != 1) else 0
+    v = +1 (approach) or -1 (retreat); u(k) = k - 1 for an attribute k in {0, 1, 2}
+    action = 0.05 v u(col), 0.05 v u(row), 0.04 v u(size), 0.1 v u(shade), 0.1 v u(shape),
+             0.1 v u((col + row) mod 3), gripper = 1 (open) if v > 0 else 0
 
-Steps within an episode jitter the blocks and the lighting, and the proprio state integrates the actions.
-Layout: steps/observation/image (JPEG), steps/observation/state (8), steps/action (7),
-steps/language_instruction, is_first, is_last, is_terminal, reward, discount; splits train and val.
+Which block's attributes count comes from the instruction, the attributes themselves only from the image,
+so a policy that ignores either input cannot score well, and the attributes are independent, so one
+action dimension says little about the next. Steps within an episode jitter the blocks and the lighting;
+the proprio state integrates the actions. Layout: steps/observation/image (JPEG), steps/observation/state
+(8), steps/action (7), steps/language_instruction, is_first, is_last, is_terminal, reward, discount;
+splits train and val.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,40 +38,63 @@ COLORS = {
     "blue": (45, 80, 225),
     "yellow": (230, 205, 40),
 }
+SIZES = (0.2, 0.3, 0.4)  # half-width of a block, as a fraction of a grid cell
+SHADES = (0.55, 0.8, 1.0)  # brightness factor of the block colour
 APPROACH = ["reach for the {c} block", "move toward the {c} block", "go to the {c} cube"]
 RETREAT = ["move away from the {c} block", "back off from the {c} cube", "retreat from the {c} block"]
 
 
-def _target_action(color: str, col: int, row: int, verb: int) -> np.ndarray:
+class Block(NamedTuple):
+    color: str
+    col: int
+    row: int
+    size: int
+    shade: int
+    shape: int  # 0 solid, 1 hollow, 2 cross
+
+
+def target_action(block: Block, verb: int) -> np.ndarray:
     v = float(verb)
-    v_roll = v if color in ("red", "green") else -v
-    s = 1.0 if (col + row) % 2 == 0 else -1.0
-    grip = 1.0 if (verb > 0) == (col != 1) else 0.0
     return np.array(
         [
-            0.05 * v * (col - 1),
-            0.05 * v * (row - 1),
-            0.04 * v * s,
-            0.1 * v_roll * (col - 1),
-            0.1 * v * (row - 1),
-            0.1 * v * np.sign(col - row),
-            grip,
+            0.05 * v * (block.col - 1),
+            0.05 * v * (block.row - 1),
+            0.04 * v * (block.size - 1),
+            0.1 * v * (block.shade - 1),
+            0.1 * v * (block.shape - 1),
+            0.1 * v * ((block.col + block.row) % 3 - 1),
+            1.0 if verb > 0 else 0.0,
         ],
         dtype=np.float32,
     )
 
 
-def _render(rng: np.random.Generator, size: int, tint: np.ndarray, blocks: list, light: float) -> np.ndarray:
+def _render(
+    rng: np.random.Generator, size: int, tint: np.ndarray, blocks: list[Block], light: float
+) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
-    base = 110 + 25 * np.sin(xx / size * 6.0 + tint[0] * 3) * np.cos(yy / size * 5.0 + tint[1] * 3)
-    img = np.stack([base + 30 * tint[i] for i in range(3)], axis=-1)
-    img += rng.normal(0, 6, img.shape)
+    base = 110 + 20 * np.sin(xx / size * 6.0 + tint[0] * 3) * np.cos(yy / size * 5.0 + tint[1] * 3)
+    img = np.stack([base + 25 * tint[i] for i in range(3)], axis=-1)
+    img += rng.normal(0, 5, img.shape)
     cell = size / 3.0
-    half = max(2, int(cell * 0.28))
-    for color, col, row in blocks:
-        cx = int((col + 0.5) * cell + rng.integers(-1, 2))
-        cy = int((row + 0.5) * cell + rng.integers(-1, 2))
-        img[max(0, cy - half) : cy + half, max(0, cx - half) : cx + half] = COLORS[color]
+    for b in blocks:
+        half = max(2, int(round(cell * SIZES[b.size])))
+        cx = int((b.col + 0.5) * cell) + int(rng.integers(-1, 2))
+        cy = int((b.row + 0.5) * cell) + int(rng.integers(-1, 2))
+        color = np.array(COLORS[b.color], np.float64) * SHADES[b.shade]
+        y0, y1, x0, x1 = max(0, cy - half), cy + half, max(0, cx - half), cx + half
+        if b.shape == 0:
+            img[y0:y1, x0:x1] = color
+        elif b.shape == 1:
+            border = max(1, half // 2)
+            img[y0:y1, x0:x1] = color
+            img[y0 + border : y1 - border, x0 + border : x1 - border] = base[
+                y0 + border : y1 - border, x0 + border : x1 - border, None
+            ]
+        else:
+            bar = max(1, half // 3)
+            img[cy - bar : cy + bar, x0:x1] = color
+            img[y0:y1, cx - bar : cx + bar] = color
     return np.clip(img * light, 0, 255).astype(np.uint8)
 
 
@@ -77,19 +102,22 @@ def generate_episode(rng: np.random.Generator, cfg: SyntheticDataConfig) -> dict
     """One episode as numpy arrays (images uint8 HxWx3), in the RLDS step layout."""
     colors = list(rng.choice(list(COLORS), size=3, replace=False))
     cells = rng.choice(9, size=3, replace=False)
-    blocks = [(c, int(cell % 3), int(cell // 3)) for c, cell in zip(colors, cells)]
-    target = int(rng.integers(3))
+    attrs = rng.integers(0, 3, size=(3, 3))
+    blocks = [
+        Block(str(c), int(cell % 3), int(cell // 3), int(a[0]), int(a[1]), int(a[2]))
+        for c, cell, a in zip(colors, cells, attrs)
+    ]
+    target = blocks[int(rng.integers(3))]
     verb = 1 if rng.random() < 0.5 else -1
-    color, col, row = blocks[target]
     template = (APPROACH if verb > 0 else RETREAT)[int(rng.integers(3))]
-    instruction = template.format(c=color)
-    action = _target_action(color, col, row, verb)
+    instruction = template.format(c=target.color)
+    action = target_action(target, verb)
     tint = rng.uniform(-1, 1, size=3)
     state = np.concatenate([rng.uniform(-0.2, 0.2, 6), [1.0, 0.0]]).astype(np.float32)
     steps = []
     T = cfg.steps_per_episode
     for t in range(T):
-        image = _render(rng, cfg.image_size, tint, blocks, light=float(rng.uniform(0.85, 1.15)))
+        image = _render(rng, cfg.image_size, tint, blocks, light=float(rng.uniform(0.95, 1.05)))
         steps.append(
             {
                 "observation": {"image": image, "state": state.copy()},
@@ -104,7 +132,8 @@ def generate_episode(rng: np.random.Generator, cfg: SyntheticDataConfig) -> dict
         )
         state[:6] += action[:6]
         state[6] = action[6]
-    return {"steps": steps, "episode_metadata": {"scene": ",".join(f"{c}@{x}{y}" for c, x, y in blocks)}}
+    scene = ",".join(f"{b.color}@{b.col}{b.row}/{b.size}{b.shade}{b.shape}" for b in blocks)
+    return {"steps": steps, "episode_metadata": {"scene": scene}}
 
 
 def _builder_class():

@@ -12,7 +12,9 @@ import numpy as np
 class ActionTokenizer:
     def __init__(self, vocab_size: int, n_bins: int = 256, min_action: float = -1.0, max_action: float = 1.0):
         if vocab_size <= n_bins:
-            raise ValueError(f"vocab_size {vocab_size} must exceed n_bins {n_bins}: action ids are its last ids")
+            raise ValueError(
+                f"vocab_size {vocab_size} must exceed n_bins {n_bins}: action ids are its last ids"
+            )
         self.vocab_size = vocab_size
         self.n_bins = n_bins
         self.min_action, self.max_action = min_action, max_action
@@ -31,7 +33,9 @@ class ActionTokenizer:
 
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids (any shape) -> normalized actions at the bin centres (float32)."""
-        index = np.clip(self.vocab_size - np.asarray(token_ids, dtype=np.int64) - 1, 0, self.bin_centers.shape[0] - 1)
+        index = np.clip(
+            self.vocab_size - np.asarray(token_ids, dtype=np.int64) - 1, 0, self.bin_centers.shape[0] - 1
+        )
         return self.bin_centers[index].astype(np.float32)
 
     def is_action_token(self, token_ids):

@@ -1,10 +1,10 @@
 """Build a VLA from config (random weights, local tokenizer) and save/load vla_train model directories:
 
-    config.json                 VLAConfig (sizes, vocab, norm_stats, OpenVLA fields)
-    model.safetensors           weights
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json
-    processor_config.json       image size, eval centre crop, max length
-    dataset_statistics.json     the same statistics as config.json's norm_stats
+config.json                 VLAConfig (sizes, vocab, norm_stats, OpenVLA fields)
+model.safetensors           weights
+tokenizer.json, tokenizer_config.json, special_tokens_map.json
+processor_config.json       image size, eval centre crop, max length
+dataset_statistics.json     the same statistics as config.json's norm_stats
 """
 
 from __future__ import annotations
@@ -23,40 +23,63 @@ from vla_train.models.vla import VLA, VLAConfig
 WEIGHTS_FILE = "model.safetensors"
 
 
+def resolve_attn_implementation(name: str) -> str:
+    """`auto`: flash-attn when it is installed and CUDA is up, else PyTorch SDPA."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def vla_config_from(model_cfg: ModelConfig, tokenizer) -> VLAConfig:
+    m = model_cfg
+    llm: dict = {
+        "model_type": m.llm_type,
+        "hidden_size": m.llm_hidden_size,
+        "intermediate_size": m.llm_intermediate_size,
+        "num_hidden_layers": m.llm_num_layers,
+        "num_attention_heads": m.llm_num_heads,
+        "num_key_value_heads": m.llm_num_kv_heads or m.llm_num_heads,
+        "tie_word_embeddings": m.llm_tie_word_embeddings,
+    }
+    if m.llm_rope_theta:
+        llm["rope_theta"] = m.llm_rope_theta
+    if m.llm_rms_norm_eps:
+        llm["rms_norm_eps"] = m.llm_rms_norm_eps
     return VLAConfig(
-        image_size=model_cfg.image_size,
-        patch_size=model_cfg.patch_size,
+        image_size=m.image_size,
+        patch_size=m.patch_size,
         dino={
-            "hidden": model_cfg.dino_hidden_size,
-            "layers": model_cfg.dino_num_layers,
-            "heads": model_cfg.dino_num_heads,
-            "registers": model_cfg.dino_num_registers,
+            "hidden": m.dino_hidden_size,
+            "layers": m.dino_num_layers,
+            "heads": m.dino_num_heads,
+            "registers": m.dino_num_registers,
+            "intermediate": m.dino_intermediate_size or 4 * m.dino_hidden_size,
         },
         siglip={
-            "hidden": model_cfg.siglip_hidden_size,
-            "layers": model_cfg.siglip_num_layers,
-            "heads": model_cfg.siglip_num_heads,
+            "hidden": m.siglip_hidden_size,
+            "layers": m.siglip_num_layers,
+            "heads": m.siglip_num_heads,
+            "intermediate": m.siglip_intermediate_size or 4 * m.siglip_hidden_size,
         },
-        llm={
-            "hidden_size": model_cfg.llm_hidden_size,
-            "intermediate_size": model_cfg.llm_intermediate_size,
-            "num_hidden_layers": model_cfg.llm_num_layers,
-            "num_attention_heads": model_cfg.llm_num_heads,
-            "num_key_value_heads": model_cfg.llm_num_heads,
-        },
+        llm=llm,
         base_vocab_size=len(tokenizer) - 1,
         pad_token_id=tokenizer.pad_token_id,
         empty_piece_id=empty_piece_id(tokenizer),
-        action_dim=model_cfg.action_dim,
-        n_action_bins=model_cfg.n_action_bins,
-        llm_max_length=model_cfg.max_length,
-        attn_implementation=model_cfg.attn_implementation,
+        action_dim=m.action_dim,
+        n_action_bins=m.n_action_bins,
+        llm_max_length=m.max_length,
+        attn_implementation=resolve_attn_implementation(m.attn_implementation),
     )
 
 
 def make_processor(config: VLAConfig, tokenizer, center_crop_area: float = 1.0) -> VLAProcessor:
-    settings = ProcessorSettings(config.image_size, center_crop_area, config.llm_max_length - config.num_patches)
+    settings = ProcessorSettings(
+        config.image_size, center_crop_area, config.llm_max_length - config.num_patches
+    )
     return VLAProcessor(tokenizer, settings, config.empty_piece_id, config.n_action_bins)
 
 
@@ -109,12 +132,17 @@ def _rebuild_non_persistent_buffers(model: VLA, device: torch.device) -> None:
 
 
 def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLAProcessor]:
+    """Load a vla_train model directory, or an OpenVLA-format one (e.g. openvla-7b) converted on the fly."""
     from safetensors.torch import load_file
     from transformers import PreTrainedTokenizerFast
 
     d = Path(directory)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} is not a model directory: no config.json")
+    from vla_train.models.openvla_format import is_openvla_dir, load_openvla_dir
+
+    if is_openvla_dir(d):  # a released OpenVLA checkpoint (timm key layout): converted on load
+        return load_openvla_dir(d, device)
     config = VLAConfig.from_dict(json.loads((d / "config.json").read_text()))
     with torch.device("meta"):
         model = VLA(config)
@@ -122,10 +150,22 @@ def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLA
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{d / WEIGHTS_FILE} does not match config.json: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{d / WEIGHTS_FILE} does not match config.json: missing {missing}, unexpected {unexpected}"
+        )
+    expected_shapes = model.state_dict()
+    wrong = [
+        f"{k}: file {tuple(v.shape)}, config {tuple(expected_shapes[k].shape)}"
+        for k, v in sorted(state.items())
+        if tuple(v.shape) != tuple(expected_shapes[k].shape)
+    ]
+    if wrong:
+        raise ValueError(f"{d / WEIGHTS_FILE} does not match config.json in shape: " + "; ".join(wrong))
     model.load_state_dict(state, assign=True)
     _rebuild_non_persistent_buffers(model, torch.device(device))
     model.eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(d))
-    processor = VLAProcessor(tokenizer, ProcessorSettings.load(d), config.empty_piece_id, config.n_action_bins)
+    processor = VLAProcessor(
+        tokenizer, ProcessorSettings.load(d), config.empty_piece_id, config.n_action_bins
+    )
     return model, processor

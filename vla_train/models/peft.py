@@ -24,7 +24,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
         if t != "all-linear":
             matched = [n for n in every if n == t or n.endswith("." + t)]
             if not matched:
-                raise ValueError(f"lora.target_modules entry '{t}' matches no linear layer; examples: {every[:6]}")
+                raise ValueError(
+                    f"lora.target_modules entry '{t}' matches no linear layer; examples: {every[:6]}"
+                )
             targets.update(matched)
     targets = sorted(targets)
     peft_cfg = peft.LoraConfig(

@@ -42,7 +42,9 @@ class VLAPolicy:
         prompts = self.processor.inference_prompts(instructions)
         return self.model.predict_action_tokens(prompts, pixels)
 
-    def predict_action_batch(self, images_BHWC, instructions: list[str], unnorm_key: str | None = None) -> np.ndarray:
+    def predict_action_batch(
+        self, images_BHWC, instructions: list[str], unnorm_key: str | None = None
+    ) -> np.ndarray:
         """[B, H, W, 3] uint8 images + B instructions -> [B, action_dim] actions in physical units."""
         stats = self._stats_for(unnorm_key)
         tokens = self.predict_tokens(images_BHWC, instructions).cpu().numpy()

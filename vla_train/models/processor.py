@@ -39,10 +39,14 @@ class ProcessorSettings:
 
 
 class VLAProcessor:
-    def __init__(self, tokenizer, settings: ProcessorSettings, empty_piece_id: int | None, n_action_bins: int):
+    def __init__(
+        self, tokenizer, settings: ProcessorSettings, empty_piece_id: int | None, n_action_bins: int
+    ):
         self.tokenizer = tokenizer
         self.settings = settings
-        self.action_tokenizer = ActionTokenizer(len(tokenizer) - 1, n_action_bins)  # base vocab = all but <pad>
+        self.action_tokenizer = ActionTokenizer(
+            len(tokenizer) - 1, n_action_bins
+        )  # base vocab = all but <pad>
         self.prompt_builder = PromptBuilder(tokenizer, empty_piece_id)
         mean = torch.tensor(DINO_MEAN + SIGLIP_MEAN).view(1, 6, 1, 1)
         std = torch.tensor(DINO_STD + SIGLIP_STD).view(1, 6, 1, 1)
@@ -74,7 +78,9 @@ class VLAProcessor:
         return (x - self._mean) / self._std
 
     # ---- text -----------------------------------------------------------------------------------
-    def collate(self, images_BHWC, instructions: list[str], actions_BA: np.ndarray) -> dict[str, torch.Tensor]:
+    def collate(
+        self, images_BHWC, instructions: list[str], actions_BA: np.ndarray
+    ) -> dict[str, torch.Tensor]:
         """A training batch: normalized actions become action tokens; labels only on them and EOS."""
         action_ids = self.action_tokenizer.encode(actions_BA)
         pairs = [self.prompt_builder.training_example(i, a) for i, a in zip(instructions, action_ids)]

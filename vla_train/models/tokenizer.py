@@ -31,8 +31,17 @@ def build_local_tokenizer(instructions: list[str], text_vocab_size: int, n_actio
     tok.train_from_iterator(corpus * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", clean_up_tokenization_spaces=False
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
     )
+    if len(fast) > text_vocab_size:
+        raise ValueError(f"the BPE learned {len(fast)} tokens, more than text_vocab_size {text_vocab_size}")
+    # Fill up to exactly text_vocab_size so that the vocabulary has the configured shape (e.g. Llama-2's
+    # 32000 for a 7B-shaped model); the fillers never occur in tokenized text.
+    fast.add_tokens([f"<unused_{i}>" for i in range(text_vocab_size - len(fast))])
     # Action tokens take the last n_action_bins ids of the base vocabulary; <pad> comes after it (as
     # OpenVLA's 32000 after Llama's 32000-token vocabulary).
     fast.add_tokens([f"<act_{i}>" for i in range(n_action_bins)])

@@ -15,17 +15,21 @@ DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-def dino_config(hidden: int, layers: int, heads: int, registers: int, image_size: int, patch: int, attn: str):
+def dino_config(spec: dict, image_size: int, patch: int, attn: str):
+    """spec: hidden, layers, heads, registers, optional intermediate (default 4 x hidden)."""
     from transformers import Dinov2WithRegistersConfig
 
+    intermediate = spec.get("intermediate", 4 * spec["hidden"])
+    if intermediate % spec["hidden"]:
+        raise ValueError(f"DINOv2 MLP width {intermediate} must be a multiple of its width {spec['hidden']}")
     return Dinov2WithRegistersConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
+        hidden_size=spec["hidden"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        mlp_ratio=intermediate // spec["hidden"],
         image_size=image_size,
         patch_size=patch,
-        num_register_tokens=registers,
+        num_register_tokens=spec["registers"],
         layer_norm_eps=1e-6,
         layerscale_value=1.0,
         qkv_bias=True,
@@ -34,14 +38,15 @@ def dino_config(hidden: int, layers: int, heads: int, registers: int, image_size
     )
 
 
-def siglip_config(hidden: int, layers: int, heads: int, image_size: int, patch: int, attn: str):
+def siglip_config(spec: dict, image_size: int, patch: int, attn: str):
+    """spec: hidden, layers, heads, optional intermediate (default 4 x hidden; so400m: 4304)."""
     from transformers import SiglipVisionConfig
 
     return SiglipVisionConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
+        hidden_size=spec["hidden"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        intermediate_size=spec.get("intermediate", 4 * spec["hidden"]),
         image_size=image_size,
         patch_size=patch,
         layer_norm_eps=1e-6,

@@ -12,7 +12,14 @@ from vla_train.config import LoggingConfig
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any], total_steps: int, initial_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        run_config: dict[str, Any],
+        total_steps: int,
+        initial_step: int = 0,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1)
         self._wandb = None

@@ -10,7 +10,9 @@ from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vla import VLAOutput
 
 
-def action_metrics(out: VLAOutput, action_tokenizer: ActionTokenizer, action_stats: dict | None = None) -> dict:
+def action_metrics(
+    out: VLAOutput, action_tokenizer: ActionTokenizer, action_stats: dict | None = None
+) -> dict:
     """Sums (not means) so that batches and ranks can be accumulated exactly; see `finalize`."""
     pred = out.logits_NV.argmax(-1)
     mask = action_tokenizer.is_action_token(out.labels_N)
@@ -34,6 +36,18 @@ def action_metrics(out: VLAOutput, action_tokenizer: ActionTokenizer, action_sta
     return sums
 
 
+def generated_metrics(
+    tokens_BA: np.ndarray, actions_BA: np.ndarray, action_tokenizer: ActionTokenizer
+) -> dict:
+    """Sums comparing greedily generated action tokens with the true (normalized) actions' tokens."""
+    true = action_tokenizer.encode(actions_BA)
+    return {
+        "gen_n": int(true.size),
+        "gen_correct": int((tokens_BA == true).sum()),
+        "gen_l1_sum": float(np.abs(action_tokenizer.decode(tokens_BA) - action_tokenizer.decode(true)).sum()),
+    }
+
+
 def accumulate(total: dict, new: dict) -> dict:
     for k, v in new.items():
         total[k] = total.get(k, 0) + v
@@ -47,7 +61,9 @@ def finalize(sums: dict, prefix: str) -> dict:
         f"{prefix}/action_token_accuracy": sums.get("correct", 0) / n,
         f"{prefix}/action_l1": sums.get("l1_sum", 0.0) / n,
     }
+    if sums.get("gen_n"):
+        out[f"{prefix}/generated_action_token_accuracy"] = sums["gen_correct"] / sums["gen_n"]
+        out[f"{prefix}/generated_action_l1"] = sums["gen_l1_sum"] / sums["gen_n"]
     if "l1_phys_sum" in sums:
         out[f"{prefix}/action_l1_physical"] = sums["l1_phys_sum"] / n
     return out
-

@@ -21,7 +21,7 @@ from vla_train.models.load import build_from_config, load_model_dir, save_model_
 from vla_train.models.peft import adapter_state_dict, apply_lora, load_adapter_state_dict
 from vla_train.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vla_train.training.logging import MetricsLogger
-from vla_train.training.metrics import accumulate, action_metrics, finalize
+from vla_train.training.metrics import accumulate, action_metrics, finalize, generated_metrics
 
 BASE_MODEL_DIR = "base_model"
 
@@ -66,17 +66,34 @@ def trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def validate(model, processor, cfg: TrainConfig, statistics: dict, image_size: int, device: torch.device) -> dict:
-    """One ordered pass over the first `num_val_frames` frames of the validation split."""
+def validate(
+    model, processor, cfg: TrainConfig, statistics: dict, image_size: int, device: torch.device
+) -> dict:
+    """One ordered pass over the first `num_val_frames` frames of the validation split.
+
+    Besides the teacher-forced metrics (OpenVLA's: each action token predicted from the true previous
+    ones), greedy decoding gives `val/generated_*`: what `predict_action` would output. Teacher forcing
+    leaks information (once the true first tokens are given, later ones may follow from them), so only
+    the generated metrics show what a policy knows on its own.
+    """
     was_training = model.training
     model.eval()
     sums: dict[str, Any] = {}
     seen = 0
     for batch in FrameStream(stream_spec(cfg, image_size, train=False), statistics):
         take = min(len(batch["instruction"]), cfg.training.num_val_frames - seen)
-        inputs = processor.collate(batch["image"][:take], batch["instruction"][:take], batch["action"][:take])
+        images, instructions, actions = (
+            batch["image"][:take],
+            batch["instruction"][:take],
+            batch["action"][:take],
+        )
+        inputs = processor.collate(images, instructions, actions)
         out = model(**{k: v.to(device) for k, v in inputs.items()})
         accumulate(sums, action_metrics(out, processor.action_tokenizer, statistics["action"]))
+        generated = model.predict_action_tokens(
+            processor.inference_prompts(instructions), processor.pixel_values(images, train=False).to(device)
+        )
+        accumulate(sums, generated_metrics(generated.cpu().numpy(), actions, processor.action_tokenizer))
         seen += take
         if seen >= cfg.training.num_val_frames:
             break
@@ -126,7 +143,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     optimizer = optimizer_for(model, cfg)
     warmup = cfg.training.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
 
     # ---- resume from the newest committed checkpoint ---------------------------------------------
     stream = FrameStream(stream_spec(cfg, image_size, train=True), statistics)
@@ -183,7 +202,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     },
                 )
                 sums, window_frames, window_start = {}, 0, time.perf_counter()
-            if cfg.training.val_every and step % cfg.training.val_every == 0 and step < cfg.training.max_steps:
+            if (
+                cfg.training.val_every
+                and step % cfg.training.val_every == 0
+                and step < cfg.training.max_steps
+            ):
                 logger.log(step, validate(model, processor, cfg, statistics, image_size, device))
             if step >= cfg.training.max_steps:
                 break

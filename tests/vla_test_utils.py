@@ -1,0 +1,25 @@
+"""Helpers shared by the tests (imported as a plain module: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(
+    entry: str, *args: str, cwd: Path | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run a console entry point (vla_train.cli:<entry>) in a fresh interpreter, as a user would."""
+    code = f"import sys; from vla_train.cli import {entry}; {entry}(sys.argv[1:])"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
