@@ -47,6 +47,7 @@ def main() -> None:
         "export_s": round(t_export, 1),
         "total_s": round(t_train + t_export, 1),
         "val_action_token_accuracy": round(val["val/action_token_accuracy"], 4),
+        "val_generated_action_token_accuracy": round(val.get("val/generated_action_token_accuracy", float("nan")), 4),
         "val_action_l1": round(val["val/action_l1"], 4),
         "steps": val["step"],
         "train_samples_per_s": round(
@@ -61,7 +62,8 @@ def main() -> None:
             f"| {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
             f"{result['total_s']} s (train {result['train_s']} s incl. data{' build' if args.fresh_data else ''}, "
             f"export {result['export_s']} s) | {result['steps']} | {result['train_samples_per_s']} | "
-            f"{result['val_action_token_accuracy']} | {result['val_action_l1']} |\n"
+            f"{result['val_action_token_accuracy']} | {result['val_generated_action_token_accuracy']} | "
+            f"{result['val_action_l1']} |\n"
         )
         with open(args.markdown, "a") as f:
             f.write(row)

@@ -14,7 +14,12 @@ def _fail(e: Exception) -> None:
 
 
 def train_main(argv: list[str] | None = None) -> None:
-    """vla-train --config_path configs/demo.yaml [--training.max_steps 20 ...]"""
+    """vla-train --config_path configs/demo.yaml [--training.max_steps 20 ...]
+
+    The same command trains under torchrun (`torchrun --nproc_per_node 2 -m vla_train.cli ...` or
+    `torchrun ... $(which vla-train) ...`): the config is validated for the launch's world size before any
+    process group starts.
+    """
     try:
         cfg = parse_config(TrainConfig, argv)
     except ConfigError as e:
@@ -66,3 +71,8 @@ def data_main(argv: list[str] | None = None) -> None:
     from vla_train.data.synthetic import build_synthetic_dataset
 
     print(build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic))
+
+
+if __name__ == "__main__":
+    # `python -m vla_train.cli ...` and `torchrun --nproc_per_node N -m vla_train.cli ...` train.
+    train_main()

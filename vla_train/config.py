@@ -69,8 +69,12 @@ class SyntheticDataConfig:
 class DataConfig:
     # Directory that holds tfds builder directories (<data_root_dir>/<dataset_name>/<version>/).
     data_root_dir: str = "data_cache"
-    # Name of the RLDS dataset under data_root_dir.
+    # Name of the RLDS dataset under data_root_dir; it must be registered (datasets_registry/ or
+    # registry_files).
     dataset_name: str = "vla_synthetic"
+    # Extra registry YAML files (same format as datasets_registry/*.yaml) that add your own datasets and
+    # mixtures without code edits.
+    registry_files: list[str] = field(default_factory=list)
     # Build the synthetic dataset into data_root_dir when it is missing (only for dataset_name vla_synthetic).
     build_synthetic: bool = False
     # Parameters of the synthetic dataset, used when build_synthetic builds it.
@@ -109,6 +113,7 @@ class DataConfig:
             errs.append(_problem(f"{prefix}.shuffle_buffer_size", "must be >= 1"))
         if self.num_parallel_calls < 0:
             errs.append(_problem(f"{prefix}.num_parallel_calls", "must be >= 0 (0 = autotune)"))
+        errs += self._registry_problems(prefix)
         dataset_dir = Path(self.data_root_dir) / self.dataset_name
         if self.build_synthetic:
             if self.dataset_name != "vla_synthetic":
@@ -143,6 +148,30 @@ class DataConfig:
                 )
             )
         return errs
+
+    def _registry_problems(self, prefix: str) -> list[str]:
+        """Load the registry (YAML only, no TensorFlow) with registry_files and check dataset_name.
+
+        A valid config's registry_files are then registered process-wide for the data pipeline.
+        """
+        from vla_train.data.registry import RegistryError, UnknownNameError, add_registry_files, load_registry
+
+        for f in self.registry_files:
+            if not Path(f).is_file():
+                return [_problem(f"{prefix}.registry_files", f"file '{f}' does not exist")]
+        try:
+            registry = load_registry(self.registry_files)
+            registry.dataset(self.dataset_name)
+        except RegistryError as e:
+            return [_problem(f"{prefix}.registry_files", str(e))]
+        except UnknownNameError as e:
+            return [
+                _problem(
+                    f"{prefix}.dataset_name", f"{e}; register it with a YAML file in data.registry_files"
+                )
+            ]
+        add_registry_files(self.registry_files)
+        return []
 
 
 @dataclass
@@ -290,6 +319,15 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Adapter weight init: gaussian (OpenVLA) or default (kaiming, as peft).
     init: str = "gaussian"
+    # Base weights under the adapters (QLoRA): none (as loaded), nf4 (bitsandbytes 4-bit NormalFloat) or
+    # int8 (bitsandbytes 8-bit). Quantized layers stay frozen; only adapters (and modules_to_save) train.
+    quantization: str = "none"
+    # Compute dtype of quantized layers: auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32.
+    quant_compute_dtype: str = "auto"
+    # Linear layers kept unquantized (OpenVLA keeps the projector; the LM head is never quantized).
+    quant_skip_modules: list[str] = field(default_factory=lambda: ["projector"])
+    # Modules trained in full next to the adapters (peft modules_to_save), e.g. [projector].
+    modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self, prefix: str = "lora") -> list[str]:
         errs = []
@@ -304,6 +342,32 @@ class LoraConfig:
                 errs.append(_problem(f"{prefix}.init", f"unknown '{self.init}'; use gaussian or default"))
             if not self.target_modules:
                 errs.append(_problem(f"{prefix}.target_modules", "is empty; use [all-linear] or layer names"))
+        if self.quantization not in ("none", "nf4", "int8"):
+            errs.append(
+                _problem(f"{prefix}.quantization", f"unknown '{self.quantization}'; use none, nf4 or int8")
+            )
+        elif self.quantization != "none" and not self.enabled:
+            errs.append(
+                _problem(
+                    f"{prefix}.quantization",
+                    f"{self.quantization} base weights cannot be trained, only adapters on top of them; "
+                    "set lora.enabled true (QLoRA) or lora.quantization none",
+                )
+            )
+        if self.quant_compute_dtype not in ("auto", "bfloat16", "float32"):
+            errs.append(
+                _problem(
+                    f"{prefix}.quant_compute_dtype",
+                    f"unknown '{self.quant_compute_dtype}'; use auto, bfloat16 or float32",
+                )
+            )
+        if self.modules_to_save and not self.enabled:
+            errs.append(
+                _problem(
+                    f"{prefix}.modules_to_save",
+                    "only applies to LoRA runs; without LoRA choose trainable parts with training.finetune_mode",
+                )
+            )
         return errs
 
     @property
@@ -311,26 +375,51 @@ class LoraConfig:
         return self.alpha or min(self.rank, 16)
 
 
+LR_SCHEDULES = ("constant", "linear-warmup+cosine")
+FINETUNE_MODES = ("full", "frozen_vision", "sandwich", "last_layer")
+
+
 @dataclass
 class TrainingConfig:
     # Optimizer steps to run.
     max_steps: int = 200
-    # Frames per optimizer step.
+    # Frames per optimizer step over all ranks and micro-batches (the global batch); each rank's
+    # micro-batch is batch_size / (world_size * grad_accum_steps).
     batch_size: int = 16
+    # Micro-batches accumulated per optimizer step; the loss is normalized by the supervised-token count
+    # of the whole step, so 4 x 2 frames give the same update as 1 x 8.
+    grad_accum_steps: int = 1
     # Peak learning rate of AdamW.
     learning_rate: float = 5e-4
     # AdamW weight decay (applied to matrices, not to biases and norms).
     weight_decay: float = 0.0
-    # Linear warmup steps before the constant learning rate.
+    # Learning-rate schedule: constant (after the warmup) or linear-warmup+cosine (cosine decay from the
+    # peak at warmup_steps to min_lr_ratio x peak at max_steps).
+    lr_schedule: str = "constant"
+    # Linear warmup steps from ~0 to the peak learning rate (both schedules).
     warmup_steps: int = 0
-    # Gradient-norm clipping threshold (0 disables).
+    # Final learning rate of the cosine schedule, as a fraction of the peak.
+    min_lr_ratio: float = 0.0
+    # Gradient-norm clipping threshold (0 disables); the norm is the global one over all ranks.
     max_grad_norm: float = 1.0
+    # Which base weights train when lora.enabled is false: full, frozen_vision (projector + LLM),
+    # sandwich (vision + projector + last LLM layer) or last_layer (last LLM layer). As in
+    # prismatic, "last LLM layer" = the last decoder block plus the token embedding and the LM head.
+    finetune_mode: str = "full"
     # Seed of the model init, data order and augmentation: the same seed reproduces the run.
     seed: int = 7
     # Frames evaluated on the validation split at the end of training (and every val_every steps).
     num_val_frames: int = 256
     # Run validation every this many steps (0 = only at the end).
     val_every: int = 0
+    # Write a checkpoint every this many steps (0 = only at the end); the run resumes from the newest.
+    checkpoint_every: int = 0
+    # Committed checkpoints kept on disk (older ones are deleted after each commit).
+    keep_last_checkpoints: int = 2
+    # How ranks split the data: episodes (each rank reads a disjoint 1/world share of the episodes) or
+    # batch_slice (every rank reads the one global stream and keeps its rows: the same frames at any
+    # world size, so a resume on another world size continues exactly; costs world x the decoding).
+    data_sharding: str = "episodes"
     # Torch threads for the CPU path (0 = torch default).
     num_threads: int = 0
 
@@ -342,21 +431,164 @@ class TrainingConfig:
             )
         if self.batch_size < 1:
             errs.append(_problem(f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}"))
+        if self.grad_accum_steps < 1:
+            errs.append(_problem(f"{prefix}.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}"))
+        elif self.batch_size >= 1 and self.batch_size % self.grad_accum_steps:
+            errs.append(
+                _problem(
+                    f"{prefix}.batch_size",
+                    f"{self.batch_size} is not divisible by training.grad_accum_steps {self.grad_accum_steps}",
+                )
+            )
         if not self.learning_rate > 0:
             errs.append(_problem(f"{prefix}.learning_rate", f"must be > 0, got {self.learning_rate}"))
         if self.weight_decay < 0:
             errs.append(_problem(f"{prefix}.weight_decay", "must be >= 0"))
+        if self.lr_schedule not in LR_SCHEDULES:
+            errs.append(
+                _problem(
+                    f"{prefix}.lr_schedule",
+                    f"unknown '{self.lr_schedule}'; use one of {', '.join(LR_SCHEDULES)}",
+                )
+            )
         if self.warmup_steps < 0:
             errs.append(_problem(f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}"))
+        elif self.lr_schedule == "linear-warmup+cosine" and self.warmup_steps >= self.max_steps >= 1:
+            errs.append(
+                _problem(
+                    f"{prefix}.warmup_steps",
+                    f"{self.warmup_steps} leaves no cosine decay before max_steps {self.max_steps}",
+                )
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            errs.append(_problem(f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"))
         if self.max_grad_norm < 0:
             errs.append(_problem(f"{prefix}.max_grad_norm", "must be >= 0 (0 disables clipping)"))
+        if self.finetune_mode not in FINETUNE_MODES:
+            errs.append(
+                _problem(
+                    f"{prefix}.finetune_mode",
+                    f"unknown '{self.finetune_mode}'; use one of {', '.join(FINETUNE_MODES)} "
+                    "(LoRA/QLoRA: lora.enabled / lora.quantization)",
+                )
+            )
         if self.num_val_frames < 0:
             errs.append(_problem(f"{prefix}.num_val_frames", "must be >= 0"))
         if self.val_every < 0:
             errs.append(_problem(f"{prefix}.val_every", "must be >= 0 (0 = only at the end)"))
+        if self.checkpoint_every < 0:
+            errs.append(_problem(f"{prefix}.checkpoint_every", "must be >= 0 (0 = only at the end)"))
+        if self.keep_last_checkpoints < 1:
+            errs.append(
+                _problem(f"{prefix}.keep_last_checkpoints", f"must be >= 1, got {self.keep_last_checkpoints}")
+            )
+        if self.data_sharding not in ("episodes", "batch_slice"):
+            errs.append(
+                _problem(
+                    f"{prefix}.data_sharding", f"unknown '{self.data_sharding}'; use episodes or batch_slice"
+                )
+            )
         if self.num_threads < 0:
             errs.append(_problem(f"{prefix}.num_threads", "must be >= 0"))
         return errs
+
+
+@dataclass
+class DistributedConfig:
+    # auto (single for one process, ddp under torchrun with several), single, ddp or fsdp (FSDP2).
+    strategy: str = "auto"
+    # FSDP only: 1 = full shard over all ranks; R > 1 = hybrid shard over a 2-D mesh (R replicas x
+    # world/R shards, e.g. R = number of nodes). Must divide the world size.
+    fsdp_hybrid_replicas: int = 1
+    # Recompute each LLM decoder layer and vision block in the backward pass (saves activation memory).
+    activation_checkpointing: bool = False
+    # auto (bf16 params with fp32 gradient reduce on GPU, fp32 on CPU), bf16 or fp32.
+    mixed_precision: str = "auto"
+    # Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo.
+    backend: str = "auto"
+    # Collective watchdog: a rank waiting longer than this on the others fails instead of hanging.
+    timeout_s: int = 1800
+
+    def validate(self, prefix: str = "distributed") -> list[str]:
+        errs = []
+        if self.strategy not in ("auto", "single", "ddp", "fsdp"):
+            errs.append(
+                _problem(f"{prefix}.strategy", f"unknown '{self.strategy}'; use auto, single, ddp or fsdp")
+            )
+        if self.fsdp_hybrid_replicas < 1:
+            errs.append(_problem(f"{prefix}.fsdp_hybrid_replicas", "must be >= 1 (1 = full shard)"))
+        elif self.fsdp_hybrid_replicas > 1 and self.strategy != "fsdp":
+            errs.append(
+                _problem(
+                    f"{prefix}.fsdp_hybrid_replicas",
+                    f"hybrid sharding is an FSDP mode; set distributed.strategy fsdp (got '{self.strategy}')",
+                )
+            )
+        if self.mixed_precision not in ("auto", "bf16", "fp32"):
+            errs.append(
+                _problem(
+                    f"{prefix}.mixed_precision", f"unknown '{self.mixed_precision}'; use auto, bf16 or fp32"
+                )
+            )
+        if self.backend not in ("auto", "nccl", "gloo"):
+            errs.append(_problem(f"{prefix}.backend", f"unknown '{self.backend}'; use auto, nccl or gloo"))
+        if self.timeout_s < 1:
+            errs.append(_problem(f"{prefix}.timeout_s", "must be >= 1 second"))
+        return errs
+
+
+def launch_world_size() -> int:
+    """The number of processes of this launch, from torchrun's environment (1 without torchrun)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def launch_problems(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Combinations that cannot run, found before any process group starts."""
+    errs = []
+    d, t, lora = cfg.distributed, cfg.training, cfg.lora
+    if d.strategy == "single" and world_size > 1:
+        errs.append(
+            _problem(
+                "distributed.strategy",
+                f"single cannot run on {world_size} processes; use ddp or fsdp (or launch one process)",
+            )
+        )
+    if d.strategy == "fsdp" and lora.quantization != "none":
+        errs.append(
+            _problem(
+                "distributed.strategy",
+                f"fsdp cannot shard bitsandbytes-quantized ({lora.quantization}) base weights; use ddp or "
+                "single for QLoRA, or lora.quantization none",
+            )
+        )
+    if d.strategy == "fsdp" and d.fsdp_hybrid_replicas > 1 and world_size % d.fsdp_hybrid_replicas:
+        errs.append(
+            _problem(
+                "distributed.fsdp_hybrid_replicas",
+                f"{d.fsdp_hybrid_replicas} replicas do not divide the world size {world_size}",
+            )
+        )
+    if lora.enabled and t.finetune_mode != "full":
+        errs.append(
+            _problem(
+                "training.finetune_mode",
+                f"'{t.finetune_mode}' chooses base weights to train without LoRA; set lora.enabled false, "
+                "or keep finetune_mode full and list extra trained modules in lora.modules_to_save",
+            )
+        )
+    per_step = world_size * t.grad_accum_steps
+    if t.batch_size >= 1 and t.grad_accum_steps >= 1 and t.batch_size % per_step:
+        errs.append(
+            _problem(
+                "training.batch_size",
+                f"the global batch {t.batch_size} does not split into {world_size} ranks x "
+                f"{t.grad_accum_steps} micro-batches; use a multiple of {per_step}",
+            )
+        )
+    return errs
 
 
 @dataclass
@@ -398,6 +630,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
@@ -407,7 +640,9 @@ class TrainConfig:
             + self.model.validate("model")
             + self.lora.validate("lora")
             + self.training.validate("training")
+            + self.distributed.validate("distributed")
             + self.logging.validate("logging")
+            + launch_problems(self, launch_world_size())
         )
         if errs:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

@@ -4,10 +4,15 @@ processor settings, dataset_statistics.json).
 
 Checks made on every export, on sample frames: the merged model predicts the same action tokens as the
 unmerged (base + adapters) one, and the written directory, reloaded, predicts the same tokens again.
+
+The checkpoint is read with torch.distributed.checkpoint in this one process (no process group), whatever
+the number of ranks and the strategy (single, DDP, FSDP2) that wrote it. Adapters trained over quantized
+base weights (QLoRA) are merged into the unquantized base, as OpenVLA does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,45 +31,65 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     return parse_config(TrainConfig, ["--config_path", str(run_dir / "config.yaml")], validate=False)
 
 
-def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: int) -> dict:
-    """The first n frames of the held-out split (images at model size, instructions, physical actions)."""
+def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: int, stride: int = 7) -> dict:
+    """n held-out frames, every `stride`-th of the validation split's first n * stride (so that they come
+    from different episodes): images at model size, instructions, physical actions."""
     from vla_train.data.loader import FrameStream
     from vla_train.training.trainer import stream_spec
 
     stats = norm_stats[train_cfg.data.dataset_name]
     spec = stream_spec(train_cfg, image_size, train=False)
-    spec.batch_size = n
+    spec.batch_size = n * stride
     batch = next(iter(FrameStream(spec, stats)))
-    return {"image": batch["image"], "instruction": batch["instruction"], "action": batch["action_raw"]}
+    pick = slice(0, None, stride) if len(batch["instruction"]) >= n * stride else slice(0, n)
+    return {
+        "image": batch["image"][pick][:n],
+        "instruction": batch["instruction"][pick][:n],
+        "action": batch["action_raw"][pick][:n],
+    }
+
+
+def load_trained(run_dir: Path, train_cfg: TrainConfig):
+    """(model, processor) of a run's newest checkpoint on CPU, in one process: for LoRA the unmerged
+    peft model (base + adapters, unquantized base), otherwise the VLA with its trained weights."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no committed checkpoint; train first (vla-train)")
+    base_dir = Path(train_cfg.model.pretrained_dir or run_dir / BASE_MODEL_DIR)
+    model, processor = load_model_dir(base_dir, device="cpu")
+    model.config.norm_stats = json.loads((run_dir / "dataset_statistics.json").read_text())
+    if train_cfg.data.image_augmentation:
+        processor.settings.center_crop_area = 0.9
+    saved = load_checkpoint(ckpt)
+    if train_cfg.lora.enabled:
+        lora_cfg = dataclasses.replace(train_cfg.lora, quantization="none")
+        peft_model = apply_lora(model, lora_cfg, "cpu")
+        load_adapter_state_dict(peft_model, saved["trainable"])
+        return peft_model.eval(), processor
+    result = model.load_state_dict(saved["trainable"], strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{ckpt} holds weights the base model does not: {result.unexpected_keys[:8]}")
+    return model.eval(), processor
 
 
 def export_run(cfg: ExportConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     train_cfg = load_run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no committed checkpoint; train first (vla-train)")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "export"
     norm_stats = json.loads((run_dir / "dataset_statistics.json").read_text())
     base_dir = Path(train_cfg.model.pretrained_dir or run_dir / BASE_MODEL_DIR)
 
     with torch.device("cpu"):
-        model, processor = load_model_dir(base_dir, device="cpu")
-        model.config.norm_stats = norm_stats
-        if train_cfg.data.image_augmentation:
-            processor.settings.center_crop_area = 0.9
-        saved = load_checkpoint(ckpt)
-        frames = sample_frames(train_cfg, norm_stats, model.config.image_size, max(cfg.predict_samples, 8))
+        trained, processor = load_trained(run_dir, train_cfg)
+        ckpt = latest_checkpoint(run_dir)
+        frames = sample_frames(
+            train_cfg, norm_stats, processor.settings.image_size, max(cfg.predict_samples, 8)
+        )
         if train_cfg.lora.enabled:
-            peft_model = apply_lora(model, train_cfg.lora)
-            load_adapter_state_dict(peft_model, saved["trainable"])
-            unmerged = VLAPolicy(peft_model.eval(), processor).predict_tokens(
-                frames["image"], frames["instruction"]
-            )
-            model = peft_model.merge_and_unload()
+            unmerged = VLAPolicy(trained, processor).predict_tokens(frames["image"], frames["instruction"])
+            model = trained.merge_and_unload()
         else:
-            model.load_state_dict(saved["trainable"], strict=False)
-            unmerged = None
+            model, unmerged = trained, None
         merged = VLAPolicy(model, processor).predict_tokens(frames["image"], frames["instruction"])
         if unmerged is not None and not torch.equal(unmerged, merged):
             raise RuntimeError(

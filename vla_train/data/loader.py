@@ -28,6 +28,10 @@ class StreamSpec:
     image_augmentation: bool = False
     ablation: str = "none"
     num_parallel_calls: int = 0
+    # Data parallelism: this stream reads only episodes i with i % num_shards == shard_index, so the
+    # ranks of a job read disjoint data.
+    num_shards: int = 1
+    shard_index: int = 0
 
 
 def _decode_resize(image_bytes, size: int):
@@ -63,6 +67,8 @@ def build_tf_dataset(spec: StreamSpec):
         seed=spec.seed,
         dataset_name=spec.dataset_name,
     )
+    if spec.num_shards > 1:
+        ds = ds.shard(spec.num_shards, spec.shard_index)
     # Episodes without an instruction carry no supervision for a language-conditioned policy.
     ds = ds.filter(lambda t: tf.strings.length(t["task"]["language_instruction"][0]) > 0)
     ds = ds.flat_map(tf.data.Dataset.from_tensor_slices)

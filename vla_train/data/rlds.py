@@ -1,7 +1,8 @@
 """Reading RLDS datasets written by tfds: open a builder directory without network access, pick splits,
-and restructure episodes into vla_train's trajectory layout with images still JPEG-encoded:
+apply the dataset's registered standardization (datasets_registry/), and restructure episodes into
+vla_train's trajectory layout with images still JPEG-encoded:
 
-    {observation: {image_primary: string[T], proprio: float32[T, P]},
+    {observation: {image_primary: string[T], (image_secondary, image_wrist,) proprio: float32[T, P]},
      task: {language_instruction: string[T]}, action: float32[T, A], dataset_name: string[T]}
 """
 
@@ -21,9 +22,6 @@ from vla_train.data.normalize import (
     statistics_from_trajectories,
     stats_cache_path,
 )
-
-IMAGE_KEY, STATE_KEY = "image", "state"
-STANDARDIZE_FN = "identity"  # issue-3 registry will name per-dataset functions
 
 
 class DatasetError(ValueError):
@@ -62,6 +60,33 @@ def split_for(builder, train: bool) -> str:
     return "train[:95%]" if train else "train[95%:]"
 
 
+def dataset_spec(dataset_name: str):
+    """The registry entry of a dataset (built-in or from data.registry_files), or a DatasetError."""
+    from vla_train.data.registry import UnknownNameError, get_dataset_spec
+
+    try:
+        return get_dataset_spec(dataset_name)
+    except UnknownNameError as e:
+        raise DatasetError(
+            f"{e}. Register it in a YAML file (see datasets_registry/datasets.yaml) and pass it with "
+            "data.registry_files"
+        ) from None
+
+
+def standardization_fingerprint(spec) -> str:
+    """Changes when the standardization changes: its name, keys and the function's source code."""
+    import hashlib
+    import inspect
+
+    from vla_train.data.registry import resolve_standardize_fn
+
+    try:
+        source = inspect.getsource(resolve_standardize_fn(spec.standardize_fn))
+    except (OSError, TypeError):
+        source = ""
+    return f"{spec.standardize_fn}:{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
 def dataset_fingerprint(builder) -> dict[str, Any]:
     info = builder.info
     return {
@@ -72,67 +97,80 @@ def dataset_fingerprint(builder) -> dict[str, Any]:
     }
 
 
-def read_episodes(builder, split: str, *, shuffle_files: bool, seed: int, dataset_name: str):
-    """tf.data of restructured trajectories (images left encoded)."""
-    import tensorflow as tf
+def _standardized_steps(builder, split: str, *, shuffle_files: bool, seed: int, spec):
     import tensorflow_datasets as tfds
 
-    steps_feature = builder.info.features["steps"].feature
-    for key, owner in ((IMAGE_KEY, "observation"), (STATE_KEY, "observation")):
-        if key not in steps_feature[owner].keys():
-            raise DatasetError(
-                f"dataset '{dataset_name}': steps/{owner} has no '{key}' key (has {sorted(steps_feature[owner].keys())})"
-            )
+    from vla_train.data.standardize import make_standardizer
+
     ds = builder.as_dataset(
         split=split,
         decoders={"steps": tfds.decode.SkipDecoding()},
         shuffle_files=shuffle_files,
         read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False),
     )
+    standardize = make_standardizer(spec)
+    return ds.map(lambda episode: standardize(episode["steps"]))
 
-    def restructure(episode):
-        steps = episode["steps"]
-        T = tf.shape(steps["action"])[0]
+
+def read_episodes(builder, split: str, *, shuffle_files: bool, seed: int, dataset_name: str):
+    """tf.data of standardized, restructured trajectories (images left encoded)."""
+    import tensorflow as tf
+
+    from vla_train.data.standardize import proprio_from_state_keys
+
+    spec = dataset_spec(dataset_name)
+    if spec.image_obs_keys.get("primary") is None:
+        raise DatasetError(
+            f"dataset '{dataset_name}': the registry names no primary camera (image_obs_keys.primary)"
+        )
+
+    def restructure(traj):
+        T = tf.shape(traj["action"])[0]
+        obs = traj["observation"]
+        observation = {
+            f"image_{role}": obs[key] for role, key in spec.image_obs_keys.items() if key is not None
+        }
+        observation["proprio"] = proprio_from_state_keys(obs, spec.state_obs_keys)
         return {
-            "observation": {
-                "image_primary": steps["observation"][IMAGE_KEY],
-                "proprio": tf.cast(steps["observation"][STATE_KEY], tf.float32),
-            },
-            "task": {"language_instruction": steps["language_instruction"]},
-            "action": tf.cast(steps["action"], tf.float32),
+            "observation": observation,
+            "task": {"language_instruction": traj["language_instruction"]},
+            "action": tf.cast(traj["action"], tf.float32),
             "dataset_name": tf.fill([T], dataset_name),
         }
 
+    ds = _standardized_steps(builder, split, shuffle_files=shuffle_files, seed=seed, spec=spec)
     return ds.map(restructure, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def numeric_trajectories(builder, dataset_name: str):
-    """Numpy action/proprio of every episode of every split, without decoding a single image."""
-    import tensorflow_datasets as tfds
+    """Standardized action/proprio (numpy) of every episode of every split; images are never decoded."""
+    from vla_train.data.standardize import proprio_from_state_keys
 
-    ds = builder.as_dataset(split="all", decoders={"steps": tfds.decode.SkipDecoding()}, shuffle_files=False)
+    spec = dataset_spec(dataset_name)
+    ds = _standardized_steps(builder, "all", shuffle_files=False, seed=0, spec=spec)
     ds = ds.map(
-        lambda ep: {"action": ep["steps"]["action"], "proprio": ep["steps"]["observation"][STATE_KEY]}
+        lambda t: {
+            "action": t["action"],
+            "proprio": proprio_from_state_keys(t["observation"], spec.state_obs_keys),
+        }
     )
-    for traj in ds.as_numpy_iterator():
-        if traj["action"].ndim != 2:
-            raise DatasetError(f"dataset '{dataset_name}': steps/action must be [T, action_dim]")
-        yield traj
+    yield from ds.as_numpy_iterator()
 
 
 def get_statistics(data_root_dir: str, dataset_name: str, cache_dir: str = "") -> dict[str, Any]:
     """Statistics of one dataset, from the cache when the data and standardization are unchanged."""
+    spec = dataset_spec(dataset_name)
     builder = open_builder(data_root_dir, dataset_name)
-    key = cache_key(dataset_fingerprint(builder), [STATE_KEY], STANDARDIZE_FN)
+    key = cache_key(
+        dataset_fingerprint(builder), list(map(str, spec.state_obs_keys)), standardization_fingerprint(spec)
+    )
     cache_dir = cache_dir or str(Path(data_root_dir) / "vla_train_stats")
     path = stats_cache_path(cache_dir, dataset_name, key)
     stats = load_cached(path)
     if stats is None:
-        action_dim = builder.info.features["steps"]["action"].shape[-1]
+        mask = default_action_mask(spec.action_dim) if spec.has_gripper else [True] * spec.action_dim
         try:
-            stats = statistics_from_trajectories(
-                numeric_trajectories(builder, dataset_name), default_action_mask(action_dim)
-            )
+            stats = statistics_from_trajectories(numeric_trajectories(builder, dataset_name), mask)
         except ValueError as e:
             raise DatasetError(f"dataset '{dataset_name}': {e}") from None
         save_cached(path, stats)

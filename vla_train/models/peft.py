@@ -1,11 +1,19 @@
-"""LoRA adapters (peft) on the VLA: every nn.Linear except the LM head by default (OpenVLA's
-"all-linear"), gaussian init, alpha = min(rank, 16) unless set."""
+"""Which weights of the VLA train: LoRA adapters (peft) on every nn.Linear except the LM head by default
+(OpenVLA's "all-linear", gaussian init, alpha = min(rank, 16)), optionally over bitsandbytes 4-bit NF4 or
+8-bit base weights (QLoRA), or the freeze modes of full fine-tuning (full, frozen_vision, sandwich,
+last_layer).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vla_train.config import LoraConfig
+
+# The DINOv2 mask token only serves masked-image pretraining; the VLA forward never reads it, and a
+# trainable parameter without a gradient breaks DDP.
+UNUSED_PARAMETERS = ("mask_token",)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -14,11 +22,73 @@ def linear_module_names(model: nn.Module) -> list[str]:
     )
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig):
-    """Wrap `model` with LoRA adapters; only adapter weights are trainable afterwards."""
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or name.startswith(pattern + ".")
+
+
+def _is_under(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def quantize_linear_layers(model: nn.Module, cfg: LoraConfig, device: torch.device) -> list[str]:
+    """Replace nn.Linear layers by bitsandbytes 4-bit NF4 / 8-bit layers holding the same weights.
+
+    The LM head and `cfg.quant_skip_modules` stay unquantized (as transformers and OpenVLA do). The
+    weights are quantized when the layer moves to `device` (bitsandbytes' CPU kernels serve CPU runs).
+    Returns the names of the quantized layers.
+    """
+    import bitsandbytes as bnb
+
+    compute = cfg.quant_compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device.type == "cuda" else "float32"
+    compute_dtype = getattr(torch, compute)
+    quantized = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
+            continue
+        if any(_matches(name, skip) or _is_under(name, skip) for skip in cfg.quant_skip_modules):
+            continue
+        has_bias = module.bias is not None
+        if cfg.quantization == "nf4":
+            new = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=has_bias,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+            )
+            new.weight = bnb.nn.Params4bit(
+                module.weight.data.detach().clone(), requires_grad=False, quant_type="nf4"
+            )
+        else:
+            new = bnb.nn.Linear8bitLt(
+                module.in_features, module.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+            )
+            new.weight = bnb.nn.Int8Params(
+                module.weight.data.detach().clone(), requires_grad=False, has_fp16_weights=False
+            )
+        if has_bias:
+            new.bias = nn.Parameter(module.bias.data.detach().clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new.to(device))
+        quantized.append(name)
+    return quantized
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | None = None):
+    """Wrap `model` with LoRA adapters (over quantized base weights when cfg.quantization is set).
+
+    Afterwards only the adapters and `cfg.modules_to_save` are trainable. Linear layers inside a module
+    of modules_to_save get no adapter (the whole module trains). Returns the peft model; its
+    `get_base_model()` is the VLA (adapters injected in place), which the trainer calls and shards.
+    """
     import peft
 
-    every = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    every = sorted(name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     targets = set(linear_module_names(model)) if "all-linear" in cfg.target_modules else set()
     for t in cfg.target_modules:
         if t != "all-linear":
@@ -28,15 +98,65 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
                     f"lora.target_modules entry '{t}' matches no linear layer; examples: {every[:6]}"
                 )
             targets.update(matched)
+    modules = dict(model.named_modules())
+    for m in cfg.modules_to_save:
+        if m not in modules:
+            top = sorted(n for n in modules if n and "." not in n)
+            raise ValueError(f"lora.modules_to_save entry '{m}' is no module of the model; top level: {top}")
+        targets = {t for t in targets if not _is_under(t, m)}
     targets = sorted(targets)
+    if cfg.quantization != "none":
+        model.requires_grad_(False)
+        quantize_linear_layers(model, cfg, device)
+        # Non-quantized weights stay float32 (peft's prepare_model_for_kbit_training does the same).
+        for p in model.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    model.to(device)
     peft_cfg = peft.LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.effective_alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
         init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+        modules_to_save=list(cfg.modules_to_save) or None,
     )
-    return peft.get_peft_model(model, peft_cfg)
+    peft_model = peft.get_peft_model(model, peft_cfg)
+    for name, p in peft_model.named_parameters():
+        if name.rpartition(".")[2] in UNUSED_PARAMETERS:
+            p.requires_grad_(False)
+    return peft_model
+
+
+def last_layer_modules(vla: nn.Module) -> list[nn.Module]:
+    """Prismatic's "last LLM layer" for fine-tuning: the last decoder block, the token embedding and the
+    LM head (the action tokens live in the embedding and the head)."""
+    lm = vla.language_model
+    return [lm.model.layers[-1], lm.get_input_embeddings(), lm.lm_head]
+
+
+def set_finetune_mode(vla: nn.Module, mode: str) -> None:
+    """Choose the trainable base weights of a full fine-tune (no LoRA); see training.finetune_mode."""
+    if mode == "full":
+        vla.requires_grad_(True)
+    elif mode == "frozen_vision":
+        vla.requires_grad_(True)
+        vla.vision_backbone.requires_grad_(False)
+    elif mode == "sandwich":
+        vla.requires_grad_(False)
+        vla.vision_backbone.requires_grad_(True)
+        vla.projector.requires_grad_(True)
+        for m in last_layer_modules(vla):
+            m.requires_grad_(True)
+    elif mode == "last_layer":
+        vla.requires_grad_(False)
+        for m in last_layer_modules(vla):
+            m.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown finetune mode '{mode}'")
+    for name, p in vla.named_parameters():
+        if name.rpartition(".")[2] in UNUSED_PARAMETERS:
+            p.requires_grad_(False)
 
 
 def adapter_state_dict(peft_model) -> dict:
@@ -46,8 +166,24 @@ def adapter_state_dict(peft_model) -> dict:
 
 
 def load_adapter_state_dict(peft_model, state: dict) -> None:
+    """Load adapters (and modules_to_save) into a peft model.
+
+    Accepts peft's own format (`base_model.model.<name>.lora_A.weight`, as `adapter_state_dict` gives) and
+    the trainer's checkpoint format: parameter names of the VLA inside the peft model
+    (`<name>.lora_A.default.weight`), as torch.distributed.checkpoint stores them.
+    """
     import peft
 
+    if state and not all(k.startswith("base_model.model.") for k in state):
+        inner = peft_model.get_base_model()
+        result = inner.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"adapter checkpoint has keys the model does not: {result.unexpected_keys[:8]}")
+        trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(state))
+        if missing:
+            raise ValueError(f"adapter checkpoint lacks trainable weights of the model: {missing[:8]}")
+        return
     result = peft.set_peft_model_state_dict(peft_model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

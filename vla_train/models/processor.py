@@ -59,7 +59,7 @@ class VLAProcessor:
         Frames from the data pipeline are already at the model size; other sizes are resized (bicubic,
         antialiased). At inference (train=False) the optional centre crop is applied.
         """
-        x = torch.as_tensor(np.asarray(images_BHWC)) if not torch.is_tensor(images_BHWC) else images_BHWC
+        x = images_BHWC if torch.is_tensor(images_BHWC) else torch.tensor(np.asarray(images_BHWC))
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(
                 f"images must be uint8 [batch, height, width, 3] (RGB), got shape {tuple(x.shape)}"

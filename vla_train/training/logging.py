@@ -1,5 +1,6 @@
 """Where metrics go: `metrics.jsonl` in the run directory always, Weights & Biases when enabled
-(offline mode writes its files under the run directory), a progress bar on the console."""
+(offline mode writes its files under the run directory), a progress bar on the console. Only rank 0
+logs; the other ranks get a `NullLogger`."""
 
 from __future__ import annotations
 
@@ -59,6 +60,19 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._file.close()
+
+
+class NullLogger:
+    """The logger of ranks other than 0: metrics are summed over ranks and written by rank 0 alone."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def progress(self, n: int = 1, **postfix) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

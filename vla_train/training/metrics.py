@@ -1,28 +1,41 @@
-"""Action-token accuracy and action L1 from a forward's supervised-position logits (OpenVLA's metrics):
-predictions are the argmax; only action-token labels count (EOS and ignored positions do not)."""
+"""Action-token accuracy, action L1 and loss from a forward's supervised-position logits (OpenVLA's
+metrics): predictions are the argmax; only action-token labels count for accuracy and L1 (EOS and ignored
+positions do not), every supervised position (actions + EOS) counts for the loss.
+
+Everything is kept as sums (never means) so that micro-batches, steps and ranks add up exactly: the
+trainer sums the dictionaries over ranks and `finalize` divides once. With `dataset_names`, the same sums
+are kept per dataset (`ds/<name>/...`) and `finalize` reports them when more than one dataset was seen.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from vla_train.data.normalize import unnormalize
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vla import VLAOutput
 
+DS_PREFIX = "ds/"
 
-def action_metrics(
-    out: VLAOutput, action_tokenizer: ActionTokenizer, action_stats: dict | None = None
+
+def _core_sums(
+    logits_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    token_loss_N: torch.Tensor,
+    action_tokenizer: ActionTokenizer,
+    action_stats: dict | None,
 ) -> dict:
-    """Sums (not means) so that batches and ranks can be accumulated exactly; see `finalize`."""
-    pred = out.logits_NV.argmax(-1)
-    mask = action_tokenizer.is_action_token(out.labels_N)
+    pred = logits_NV.argmax(-1)
+    mask = action_tokenizer.is_action_token(labels_N)
     n = int(mask.sum())
-    correct = int((pred[mask] == out.labels_N[mask]).sum())
+    correct = int((pred[mask] == labels_N[mask]).sum())
     pred_np = action_tokenizer.decode(pred[mask].cpu().numpy())
-    true_np = action_tokenizer.decode(out.labels_N[mask].cpu().numpy())
+    true_np = action_tokenizer.decode(labels_N[mask].cpu().numpy())
     sums = {
-        "loss_sum": float(out.loss.detach()),
-        "batches": 1,
+        "loss_sum": float(token_loss_N.sum()),
+        "n_tok": int(labels_N.numel()),
         "n": n,
         "correct": correct,
         "l1_sum": float(np.abs(pred_np - true_np).sum()),
@@ -33,6 +46,31 @@ def action_metrics(
             phys_p = unnormalize(pred_np.reshape(-1, A), action_stats)
             phys_t = unnormalize(true_np.reshape(-1, A), action_stats)
             sums["l1_phys_sum"] = float(np.abs(phys_p - phys_t).sum())
+    return sums
+
+
+@torch.no_grad()
+def action_metrics(
+    out: VLAOutput,
+    action_tokenizer: ActionTokenizer,
+    action_stats: dict | None = None,
+    dataset_names: list[str] | None = None,
+) -> dict:
+    """Sums of one forward (see the module docstring); `dataset_names[b]` names batch row b's dataset."""
+    logits = out.logits_NV.detach().float()
+    token_loss = F.cross_entropy(logits, out.labels_N, reduction="none")
+    sums = _core_sums(logits, out.labels_N, token_loss, action_tokenizer, action_stats)
+    # The model's own mean loss, weighted by its token count: what the optimizer saw.
+    sums["loss_sum"] = float(out.loss.detach()) * sums["n_tok"]
+    sums["batches"] = 1
+    if dataset_names is not None:
+        rows = out.sample_index_N.cpu().numpy()
+        names = np.asarray(dataset_names, dtype=object)[rows] if len(rows) else np.asarray([], dtype=object)
+        for name in sorted(set(names.tolist())):
+            sel = torch.as_tensor(names == name, device=logits.device)
+            part = _core_sums(logits[sel], out.labels_N[sel], token_loss[sel], action_tokenizer, None)
+            for k, v in part.items():
+                sums[f"{DS_PREFIX}{name}/{k}"] = v
     return sums
 
 
@@ -54,16 +92,27 @@ def accumulate(total: dict, new: dict) -> dict:
     return total
 
 
-def finalize(sums: dict, prefix: str) -> dict:
-    n = max(sums.get("n", 0), 1)
+def _finalize_core(sums: dict, prefix: str, key: str = "") -> dict:
+    n = max(sums.get(key + "n", 0), 1)
     out = {
-        f"{prefix}/loss": sums.get("loss_sum", 0.0) / max(sums.get("batches", 0), 1),
-        f"{prefix}/action_token_accuracy": sums.get("correct", 0) / n,
-        f"{prefix}/action_l1": sums.get("l1_sum", 0.0) / n,
+        f"{prefix}/loss": sums.get(key + "loss_sum", 0.0) / max(sums.get(key + "n_tok", 0), 1),
+        f"{prefix}/action_token_accuracy": sums.get(key + "correct", 0) / n,
+        f"{prefix}/action_l1": sums.get(key + "l1_sum", 0.0) / n,
     }
+    return out
+
+
+def finalize(sums: dict, prefix: str) -> dict:
+    """Means from sums: loss per supervised token, accuracy and L1 per action token."""
+    out = _finalize_core(sums, prefix)
+    n = max(sums.get("n", 0), 1)
     if sums.get("gen_n"):
         out[f"{prefix}/generated_action_token_accuracy"] = sums["gen_correct"] / sums["gen_n"]
         out[f"{prefix}/generated_action_l1"] = sums["gen_l1_sum"] / sums["gen_n"]
     if "l1_phys_sum" in sums:
         out[f"{prefix}/action_l1_physical"] = sums["l1_phys_sum"] / n
+    datasets = sorted({k[len(DS_PREFIX) :].rsplit("/", 1)[0] for k in sums if k.startswith(DS_PREFIX)})
+    if len(datasets) > 1:
+        for name in datasets:
+            out.update(_finalize_core(sums, f"{prefix}/{name}", f"{DS_PREFIX}{name}/"))
     return out

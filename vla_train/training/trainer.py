@@ -1,27 +1,57 @@
-"""The training loop, top to bottom: data -> model (+LoRA) -> optimizer -> resume -> steps -> validation ->
-checkpoint. Single process on CPU or one GPU in this version; every run writes to <output_dir>/<run_id>/.
+"""The training loop, top to bottom: process group -> data -> model (+LoRA or a freeze mode) ->
+parallelize (single / DDP / FSDP2) -> optimizer and schedule -> resume -> steps (micro-batches, clipping,
+metrics summed over ranks, validation, checkpoints, preemption) -> final validation and checkpoint.
+
+Every run writes to <output_dir>/<run_id>/; only rank 0 writes logs and prints. Every torch.distributed
+call lives in training/distributed.py, and the checkpoint format in training/checkpoint.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import draccus
+import numpy as np
 import torch
 
-from vla_train.config import TrainConfig, to_yaml
+from vla_train.config import TrainConfig, TrainingConfig, to_yaml
 from vla_train.data.loader import FrameStream, StreamSpec
 from vla_train.data.rlds import collect_instructions, get_statistics, open_builder, split_for
 from vla_train.data.synthetic import build_synthetic_dataset
 from vla_train.models.load import build_from_config, load_model_dir, save_model_dir
-from vla_train.models.peft import adapter_state_dict, apply_lora, load_adapter_state_dict
-from vla_train.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vla_train.training.logging import MetricsLogger
+from vla_train.models.peft import apply_lora, set_finetune_mode
+from vla_train.models.prompting import IGNORE_INDEX
+from vla_train.training.checkpoint import (
+    Restored,
+    latest_checkpoint,
+    remove_uncommitted,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from vla_train.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    broadcast_object,
+    clip_grad_norm,
+    gradient_sync,
+    init_distributed,
+    reshard,
+    shutdown,
+    sum_over_ranks,
+    wrap_model,
+)
+from vla_train.training.logging import MetricsLogger, NullLogger
 from vla_train.training.metrics import accumulate, action_metrics, finalize, generated_metrics
+from vla_train.training.preemption import PreemptionWatcher
 
 BASE_MODEL_DIR = "base_model"
 
@@ -31,20 +61,59 @@ def run_dir_of(cfg: TrainConfig) -> Path:
     return Path(cfg.logging.output_dir) / run_id
 
 
-def stream_spec(cfg: TrainConfig, image_size: int, train: bool) -> StreamSpec:
+def stream_spec(
+    cfg: TrainConfig,
+    image_size: int,
+    train: bool,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> StreamSpec:
     return StreamSpec(
         data_root_dir=cfg.data.data_root_dir,
         dataset_name=cfg.data.dataset_name,
         image_size=image_size,
-        batch_size=cfg.training.batch_size,
-        seed=cfg.training.seed,
+        batch_size=batch_size or cfg.training.batch_size,
+        seed=cfg.training.seed if seed is None else seed,
         train=train,
         normalization=cfg.data.normalization,
         shuffle_buffer_size=cfg.data.shuffle_buffer_size,
         image_augmentation=cfg.data.image_augmentation and train,
         ablation=cfg.data.ablation,
         num_parallel_calls=cfg.data.num_parallel_calls,
+        num_shards=num_shards,
+        shard_index=shard_index,
     )
+
+
+@dataclass
+class DataPlan:
+    """How this rank reads its micro-batches (see training.data_sharding)."""
+
+    micro_batch: int  # frames per rank per micro-batch
+    stream_batch: int  # frames per batch of this rank's stream
+    num_shards: int
+    shard_index: int
+    rows: slice  # the rows of each stream batch this rank keeps
+
+
+def data_plan(t: TrainingConfig, ctx: DistContext) -> DataPlan:
+    micro = t.batch_size // (ctx.world_size * t.grad_accum_steps)
+    if t.data_sharding == "batch_slice":
+        rows = slice(ctx.rank * micro, (ctx.rank + 1) * micro)
+        return DataPlan(micro, micro * ctx.world_size, 1, 0, rows)
+    return DataPlan(micro, micro, ctx.world_size, ctx.rank, slice(None))
+
+
+def lr_factor(step: int, t: TrainingConfig) -> float:
+    """Learning-rate multiplier for the optimizer step that follows `step` completed steps."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -59,173 +128,329 @@ def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.training.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
-def trainable_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    if lora:
-        return adapter_state_dict(model)
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def resume_data_position(
+    restored: Restored, plan: DataPlan, t: TrainingConfig, ctx: DistContext
+) -> tuple[int, int, str]:
+    """(stream seed, batches to skip, what was done) for a resumed run."""
+    saved = restored.data_state
+    old_world = restored.saved_world_size
+    if (
+        saved is not None
+        and old_world == ctx.world_size
+        and saved.get("sharding") == t.data_sharding
+        and saved.get("stream_batch") == plan.stream_batch
+    ):
+        pos = int(saved["stream"]["num_batches_yielded"])
+        return int(saved["seed"]), pos, f"data position restored ({pos} batches of this rank's stream)"
+    if saved is not None and saved.get("sharding") == t.data_sharding == "batch_slice":
+        frames = restored.step * t.batch_size
+        return (
+            int(saved["seed"]),
+            frames // plan.stream_batch,
+            f"data position kept: batch_slice reads one global stream at any world size, continuing after "
+            f"its first {frames} frames (world size {old_world} -> {ctx.world_size})",
+        )
+    seed = t.seed + restored.step
+    why = (
+        f"world size changed {old_world} -> {ctx.world_size}"
+        if old_world != ctx.world_size
+        else "the data layout changed (data_sharding, batch size or grad_accum_steps)"
+    )
+    return (
+        seed,
+        0,
+        f"data position restarted from the beginning of a reshuffled stream (seed {seed}) since {why}",
+    )
 
 
 @torch.no_grad()
 def validate(
-    model, processor, cfg: TrainConfig, statistics: dict, image_size: int, device: torch.device
+    vla: torch.nn.Module,
+    processor,
+    cfg: TrainConfig,
+    statistics: dict,
+    image_size: int,
+    ctx: DistContext,
+    batch_size: int,
 ) -> dict:
-    """One ordered pass over the first `num_val_frames` frames of the validation split.
+    """One ordered pass over the first `num_val_frames` frames of the validation split. Call on every rank.
+
+    Every rank reads the same ordered frames and evaluates every world_size-th batch; ranks without a
+    batch in the last round evaluate a discarded one, so that all ranks run the same number of forwards
+    (FSDP gathers parameters collectively). The sums are added over ranks: the result does not depend on
+    the world size.
 
     Besides the teacher-forced metrics (OpenVLA's: each action token predicted from the true previous
     ones), greedy decoding gives `val/generated_*`: what `predict_action` would output. Teacher forcing
     leaks information (once the true first tokens are given, later ones may follow from them), so only
     the generated metrics show what a policy knows on its own.
     """
-    was_training = model.training
-    model.eval()
+    if cfg.training.num_val_frames == 0:
+        return {}
+    was_training = vla.training
+    vla.eval()
     sums: dict[str, Any] = {}
-    seen = 0
-    for batch in FrameStream(stream_spec(cfg, image_size, train=False), statistics):
+
+    def evaluate(batch: dict[str, Any], keep: bool) -> None:
+        inputs = processor.collate(batch["image"], batch["instruction"], batch["action"])
+        pixels = processor.pixel_values(batch["image"], train=False).to(ctx.device)
+        with autocast(ctx):
+            out = vla(**{k: v.to(ctx.device) for k, v in inputs.items()})
+            generated = vla.predict_action_tokens(processor.inference_prompts(batch["instruction"]), pixels)
+        if keep:
+            accumulate(
+                sums,
+                action_metrics(out, processor.action_tokenizer, statistics["action"], batch["dataset_name"]),
+            )
+            accumulate(
+                sums, generated_metrics(generated.cpu().numpy(), batch["action"], processor.action_tokenizer)
+            )
+            sums["frames"] = sums.get("frames", 0) + len(batch["instruction"])
+
+    seen, count, mine, first = 0, 0, 0, None
+    for batch in FrameStream(stream_spec(cfg, image_size, train=False, batch_size=batch_size), statistics):
         take = min(len(batch["instruction"]), cfg.training.num_val_frames - seen)
-        images, instructions, actions = (
-            batch["image"][:take],
-            batch["instruction"][:take],
-            batch["action"][:take],
-        )
-        inputs = processor.collate(images, instructions, actions)
-        out = model(**{k: v.to(device) for k, v in inputs.items()})
-        accumulate(sums, action_metrics(out, processor.action_tokenizer, statistics["action"]))
-        generated = model.predict_action_tokens(
-            processor.inference_prompts(instructions), processor.pixel_values(images, train=False).to(device)
-        )
-        accumulate(sums, generated_metrics(generated.cpu().numpy(), actions, processor.action_tokenizer))
+        batch = _rows(batch, slice(0, take))
+        first = batch if first is None else first
+        if count % ctx.world_size == ctx.rank:
+            evaluate(batch, keep=True)
+            mine += 1
+        count += 1
         seen += take
         if seen >= cfg.training.num_val_frames:
             break
-    model.train(was_training)
-    return {**finalize(sums, "val"), "val/num_frames": seen}
+    for _ in range(math.ceil(count / ctx.world_size) - mine):
+        evaluate(first, keep=False)
+    reshard(vla)
+    vla.train(was_training)
+    total = sum_over_ranks(sums, ctx)
+    return {**finalize(total, "val"), "val/num_frames": int(total.get("frames", 0))}
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the final metrics."""
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if cfg.training.num_threads:
-        torch.set_num_threads(cfg.training.num_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run on this process's rank; returns the final metrics (on every rank).
 
-    # ---- data: build the synthetic set if asked, statistics (cached), instructions -----------------
-    if cfg.data.build_synthetic:
-        build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic)
-    statistics = get_statistics(cfg.data.data_root_dir, cfg.data.dataset_name, cfg.data.stats_cache_dir)
+    `return_model` adds the trained module (the VLA; sharded under FSDP) under "model", for tests.
+    """
+    ctx = init_distributed(cfg.distributed)
+    try:
+        return _train(cfg, ctx, return_model)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, Any]:
+    t = cfg.training
+
+    def say(msg: str) -> None:
+        if ctx.is_main:
+            print(msg, flush=True)
+
+    run_dir = Path(broadcast_object(str(run_dir_of(cfg)), ctx))
+    config_yaml = to_yaml(cfg)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        for stale in remove_uncommitted(run_dir):
+            say(f"removed the uncommitted checkpoint write {stale.name} (the run was stopped during it)")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    seed_everything(t.seed)
+
+    # ---- data: rank 0 builds the synthetic set and the statistics cache, the others read them ---------
+    if ctx.is_main:
+        if cfg.data.build_synthetic:
+            build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic)
+        statistics = get_statistics(cfg.data.data_root_dir, cfg.data.dataset_name, cfg.data.stats_cache_dir)
+    barrier(ctx)
+    if not ctx.is_main:
+        statistics = get_statistics(cfg.data.data_root_dir, cfg.data.dataset_name, cfg.data.stats_cache_dir)
     norm_stats = {cfg.data.dataset_name: {**statistics, "normalization": cfg.data.normalization}}
-    (run_dir / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
+    if ctx.is_main:
+        (run_dir / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
 
-    # ---- model: pretrained directory or built from config (then saved as the run's base model) ----
-    if cfg.model.pretrained_dir:
-        model, processor = load_model_dir(cfg.model.pretrained_dir)
-    else:
-        base_dir = run_dir / BASE_MODEL_DIR
-        if (base_dir / "config.json").is_file():  # resuming: the same random base, not a new one
-            model, processor = load_model_dir(base_dir)
-        else:
-            builder = open_builder(cfg.data.data_root_dir, cfg.data.dataset_name)
-            instructions = collect_instructions(builder, split_for(builder, train=True))
-            if cfg.data.ablation == "fixed_instruction":
-                from vla_train.data.loader import FIXED_INSTRUCTION
+    # ---- model: pretrained directory, or built once from config and saved as the run's base model. Every
+    # rank then loads the same directory, so all ranks (and a resumed run) start from identical weights.
+    base_dir = Path(cfg.model.pretrained_dir) if cfg.model.pretrained_dir else run_dir / BASE_MODEL_DIR
+    if ctx.is_main and not cfg.model.pretrained_dir and not (base_dir / "config.json").is_file():
+        builder = open_builder(cfg.data.data_root_dir, cfg.data.dataset_name)
+        instructions = collect_instructions(builder, split_for(builder, train=True))
+        if cfg.data.ablation == "fixed_instruction":
+            from vla_train.data.loader import FIXED_INSTRUCTION
 
-                instructions = instructions + [FIXED_INSTRUCTION]
-            model, processor = build_from_config(cfg.model, instructions, seed=cfg.training.seed)
-            save_model_dir(base_dir, model, processor, norm_stats)
+            instructions = instructions + [FIXED_INSTRUCTION]
+        built, built_processor = build_from_config(cfg.model, instructions, seed=t.seed)
+        save_model_dir(base_dir, built, built_processor, norm_stats)
+        del built, built_processor
+    barrier(ctx)
+    model, processor = load_model_dir(base_dir)
     model.config.norm_stats = norm_stats
     image_size = model.config.image_size
+
+    torch.manual_seed(t.seed)  # the same adapter init on every rank
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
-    model.to(device).train()
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    num_total = sum(p.numel() for p in model.parameters())
+        vla = apply_lora(model, cfg.lora, ctx.device).get_base_model()
+        mode = f"LoRA r={cfg.lora.rank}" + (
+            f" over {cfg.lora.quantization} base weights" if cfg.lora.quantization != "none" else ""
+        )
+    else:
+        set_finetune_mode(model, t.finetune_mode)
+        # fp32 master weights even from a bf16 checkpoint (openvla-7b); mixed precision casts for compute.
+        vla = model.to(ctx.device, dtype=torch.float32)
+        mode = f"{t.finetune_mode} fine-tune"
+    vla.train()
+    num_trainable = sum(p.numel() for p in vla.parameters() if p.requires_grad)
+    num_total = sum(p.numel() for p in vla.parameters())
+    model_w = wrap_model(vla, ctx, cfg.distributed)
+    params = [p for p in model_w.parameters() if p.requires_grad]
+    optimizer = optimizer_for(model_w, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t=t))
+    torch.manual_seed(t.seed + 1 + ctx.rank)  # per-rank randomness from here on (e.g. LoRA dropout)
 
-    optimizer = optimizer_for(model, cfg)
-    warmup = cfg.training.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
-
-    # ---- resume from the newest committed checkpoint ---------------------------------------------
-    stream = FrameStream(stream_spec(cfg, image_size, train=True), statistics)
-    step = 0
-    ckpt = latest_checkpoint(run_dir)
+    # ---- resume from the newest committed checkpoint -------------------------------------------------
+    plan = data_plan(t, ctx)
+    step, restored_step, data_seed, skip = 0, None, t.seed, 0
+    ckpt = broadcast_object(latest_checkpoint(run_dir), ctx)
     if ckpt is not None:
-        saved = load_checkpoint(ckpt)
-        if cfg.lora.enabled:
-            load_adapter_state_dict(model, saved["trainable"])
-        else:
-            model.load_state_dict(saved["trainable"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        step = saved["state"]["step"]
-        scheduler.last_epoch = step
-        torch.set_rng_state(saved["rng"]["torch_rng"])
-        stream.load_state_dict(saved["state"]["data"])
-        print(f"resuming {run_dir} from {ckpt.name} (step {step})")
-
-    print(
-        f"run {run_dir}: {num_trainable / 1e6:.3f}M trainable of {num_total / 1e6:.3f}M parameters, "
-        f"{'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full fine-tune'}, device {device}"
+        restored = restore_checkpoint(ckpt, model_w, optimizer, scheduler, ctx)
+        step = restored_step = restored.step
+        data_seed, skip, data_note = resume_data_position(restored, plan, t, ctx)
+        say(
+            f"resuming {run_dir} from {ckpt.name} (step {step}, saved by {restored.saved_world_size} rank(s))"
+        )
+        for note in [*restored.notes, data_note]:
+            say(f"  {note}")
+    stream = FrameStream(
+        stream_spec(cfg, image_size, True, plan.stream_batch, data_seed, plan.num_shards, plan.shard_index),
+        statistics,
     )
-    logger = MetricsLogger(run_dir, cfg.logging, draccus.encode(cfg), cfg.training.max_steps, step)
+    if skip:
+        stream.load_state_dict({"num_batches_yielded": skip, "seed": data_seed})
+
+    def data_state() -> dict[str, Any]:
+        return {
+            "stream": stream.state_dict(),
+            "seed": data_seed,
+            "sharding": t.data_sharding,
+            "stream_batch": plan.stream_batch,
+            "rank": ctx.rank,
+        }
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            run_dir,
+            step,
+            model_w,
+            optimizer,
+            scheduler,
+            ctx,
+            data_state=data_state(),
+            state={"lora": cfg.lora.enabled, "data_sharding": t.data_sharding},
+            config_yaml=config_yaml,
+            keep_last=t.keep_last_checkpoints,
+        )
+
+    say(
+        f"run {run_dir}: {num_trainable / 1e6:.3f}M trainable of {num_total / 1e6:.3f}M parameters, {mode}, "
+        f"{ctx.strategy} on {ctx.world_size} process(es), {ctx.precision}, device {ctx.device}; global batch "
+        f"{t.batch_size} = {ctx.world_size} x {t.grad_accum_steps} x {plan.micro_batch}"
+    )
+    logger = (
+        MetricsLogger(run_dir, cfg.logging, draccus.encode(cfg), t.max_steps, step)
+        if ctx.is_main
+        else NullLogger()
+    )
+    watcher = PreemptionWatcher()
     sums: dict[str, Any] = {}
-    window_start = time.perf_counter()
-    window_frames = 0
+    window_start, window_steps = time.perf_counter(), 0
+    last_saved = restored_step
+    preempted = ""
     try:
-        for batch in stream if step < cfg.training.max_steps else []:
-            inputs = processor.collate(batch["image"], batch["instruction"], batch["action"])
-            out = model(**{k: v.to(device) for k, v in inputs.items()})
-            out.loss.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-                if cfg.training.max_grad_norm > 0
-                else torch.tensor(float("nan"))
-            )
+        batches = iter(stream) if step < t.max_steps else iter(())
+        while step < t.max_steps:
+            micro = [_rows(next(batches), plan.rows) for _ in range(t.grad_accum_steps)]
+            inputs = [processor.collate(b["image"], b["instruction"], b["action"]) for b in micro]
+            n_tok = [int((x["labels_BL"][:, 1:] != IGNORE_INDEX).sum()) for x in inputs]
+            # One collective per step: the step's supervised tokens over all ranks, and whether any rank
+            # was asked to stop.
+            n_tok_global, stop = all_reduce_sum([sum(n_tok), float(watcher.requested)], ctx)
+            if stop:
+                preempted = watcher.signal_name or "a signal on another rank"
+                break
+            lr = optimizer.param_groups[0]["lr"]
+            for i, (b, x) in enumerate(zip(micro, inputs)):
+                with gradient_sync(model_w, enabled=i == len(micro) - 1):
+                    with autocast(ctx):
+                        out = model_w(**{k: v.to(ctx.device) for k, v in x.items()})
+                    # Sum of token losses / the step's token count over ranks and micro-batches; DDP and
+                    # FSDP average gradients over ranks, hence the world size factor.
+                    (out.loss * (n_tok[i] * ctx.world_size / n_tok_global)).backward()
+                accumulate(sums, action_metrics(out, processor.action_tokenizer, None, b["dataset_name"]))
+                sums["frames"] = sums.get("frames", 0) + len(b["instruction"])
+                sums["tokens"] = (
+                    sums.get("tokens", 0)
+                    + int(x["attention_mask_BL"].sum())
+                    + len(b["instruction"]) * vla.config.num_patches
+                )
+            grad_norm = clip_grad_norm(params, t.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_frames += len(batch["instruction"])
-            accumulate(sums, action_metrics(out, processor.action_tokenizer))
+            window_steps += 1
             logger.progress(1, loss=out.loss.item())
-            if step % cfg.logging.log_every == 0 or step == cfg.training.max_steps:
+            if step % cfg.logging.log_every == 0 or step == t.max_steps:
+                total = sum_over_ranks(sums, ctx)
                 elapsed = time.perf_counter() - window_start
                 logger.log(
                     step,
                     {
-                        **finalize(sums, "train"),
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm),
-                        "train/samples_per_s": window_frames / elapsed,
-                        "train/step_time_s": elapsed / max(1, sums.get("batches", 1)),
+                        **finalize(total, "train"),
+                        "train/lr": lr,
+                        "train/grad_norm": grad_norm,
+                        "train/step_time_s": elapsed / window_steps,
+                        "train/samples_per_s": total["frames"] / elapsed,
+                        "train/tokens_per_s": total["tokens"] / elapsed,
                     },
                 )
-                sums, window_frames, window_start = {}, 0, time.perf_counter()
-            if (
-                cfg.training.val_every
-                and step % cfg.training.val_every == 0
-                and step < cfg.training.max_steps
-            ):
-                logger.log(step, validate(model, processor, cfg, statistics, image_size, device))
-            if step >= cfg.training.max_steps:
-                break
-        val = validate(model, processor, cfg, statistics, image_size, device)
-        logger.log(step, val)
+                sums, window_start, window_steps = {}, time.perf_counter(), 0
+            if t.val_every and step % t.val_every == 0 and step < t.max_steps:
+                logger.log(step, validate(vla, processor, cfg, statistics, image_size, ctx, plan.micro_batch))
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+                ckpt = checkpoint()
+                last_saved = step
+        if preempted:
+            ckpt = checkpoint() if last_saved != step else ckpt
+            say(f"stopped by {preempted} at step {step}; checkpoint {ckpt}; relaunch to resume")
+            return {"step": step, "run_dir": str(run_dir), "checkpoint": str(ckpt), "preempted": preempted}
+        val = validate(vla, processor, cfg, statistics, image_size, ctx, plan.micro_batch)
+        if val:
+            logger.log(step, val)
     finally:
+        watcher.close()
         logger.close()
-    if math.isnan(val["val/loss"]):
+    if val and math.isnan(val["val/loss"]):
         raise RuntimeError("validation loss is NaN: the run diverged")
-    ckpt = save_checkpoint(
-        run_dir,
-        step,
-        trainable_state(model, cfg.lora.enabled),
-        optimizer.state_dict(),
-        {"data": stream.state_dict(), "lora": cfg.lora.enabled},
-    )
+    if last_saved != step:
+        ckpt = checkpoint()
     result = {"step": step, "run_dir": str(run_dir), "checkpoint": str(ckpt), **val}
-    print(
-        f"done: step {step}, val/action_token_accuracy {val['val/action_token_accuracy']:.3f}, "
-        f"val/action_l1 {val['val/action_l1']:.4f}, val/loss {val['val/loss']:.4f}; checkpoint {ckpt}"
-    )
+    if val:
+        say(
+            f"done: step {step}, val/action_token_accuracy {val['val/action_token_accuracy']:.3f}, "
+            f"val/action_l1 {val['val/action_l1']:.4f}, val/loss {val['val/loss']:.4f}; checkpoint {ckpt}"
+        )
+    else:
+        say(f"done: step {step}; checkpoint {ckpt}")
+    if return_model:
+        result["model"] = vla
     return result

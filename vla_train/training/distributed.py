@@ -1,0 +1,279 @@
+"""Every torch.distributed call of the trainer: the process group (from torchrun's environment, or a
+one-process group when FSDP/DDP is asked for without torchrun), DDP and FSDP2 wrapping (full or hybrid
+shard, mixed precision, activation checkpointing), the global gradient norm, and the few collectives the
+trainer needs (sums over ranks, barrier, broadcast).
+
+Functions whose docstring says "call on every rank" are collectives: every rank must call them, in the
+same order, or the job hangs until the watchdog (`distributed.timeout_s`) fails it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vla_train.config import DistributedConfig
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    strategy: str  # resolved: single | ddp | fsdp
+    precision: str  # resolved: bf16 | fp32
+    backend: str | None  # None when no process group exists (strategy single)
+    started_group: bool  # this process created the group (and destroys it at shutdown)
+    mesh: Any = None  # the FSDP DeviceMesh (1-D "shard", or 2-D "replicate" x "shard")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def has_group(self) -> bool:
+        return self.backend is not None
+
+
+def resolve_strategy(strategy: str, world_size: int) -> str:
+    """auto: one process trains without wrappers, several with DDP (choose fsdp explicitly)."""
+    if strategy == "auto":
+        return "single" if world_size == 1 else "ddp"
+    return strategy
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    if mixed_precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return mixed_precision
+
+
+def init_distributed(cfg: DistributedConfig) -> DistContext:
+    """Start (or join) the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK.
+
+    Without torchrun, `single` runs without any group and `ddp`/`fsdp` get a one-process group (an
+    in-memory store), so the same code path and checkpoint format serve one process and many.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    strategy = resolve_strategy(cfg.strategy, world_size)
+    precision = resolve_precision(cfg.mixed_precision, device)
+    if strategy == "single":
+        assert world_size == 1, "config validation rejects strategy single on several processes"
+        return DistContext(0, 1, 0, device, strategy, precision, None, False)
+
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    started = False
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:  # torchrun (or srun exporting the same variables)
+            kwargs = {"device_id": device} if backend == "nccl" else {}
+            dist.init_process_group(backend, timeout=timeout, **kwargs)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        started = True
+    ctx = DistContext(
+        dist.get_rank(), dist.get_world_size(), local_rank, device, strategy, precision, backend, started
+    )
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        replicas = cfg.fsdp_hybrid_replicas
+        if replicas > 1:
+            ctx.mesh = init_device_mesh(
+                device.type, (replicas, ctx.world_size // replicas), mesh_dim_names=("replicate", "shard")
+            )
+        else:
+            ctx.mesh = init_device_mesh(device.type, (ctx.world_size,), mesh_dim_names=("shard",))
+    return ctx
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.started_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- model wrapping -------------------------------------------------------------------------------
+
+
+def _block_lists(vla: nn.Module) -> list[nn.ModuleList]:
+    """The repeated blocks of the OpenVLA architecture: LLM decoder layers and each vision tower's
+    blocks (the units FSDP shards and activation checkpointing recomputes)."""
+    vb = vla.vision_backbone
+    return [
+        vla.language_model.model.layers,
+        vb.featurizer.encoder.layer,
+        vb.fused_featurizer.encoder.layers,
+    ]
+
+
+def apply_activation_checkpointing(vla: nn.Module) -> None:
+    """Wrap every decoder layer and vision block so its activations are recomputed in backward.
+
+    The wrapper adds `_checkpoint_wrapped_module` to parameter names; the checkpoint code reads state
+    through torch.distributed.checkpoint's state-dict API, which strips it, so checkpoints do not depend
+    on this setting.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    # A KV cache in the training forward would be appended to again by each recomputation (transformers'
+    # own gradient checkpointing turns it off too); generation still asks for it explicitly.
+    vla.language_model.config.use_cache = False
+    for blocks in _block_lists(vla):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
+
+
+def wrap_model(vla: nn.Module, ctx: DistContext, cfg: DistributedConfig) -> nn.Module:
+    """Parallelize `vla` (already on ctx.device, trainable parameters chosen) for ctx.strategy.
+
+    Returns the module to call for training. For fsdp that is `vla` itself (sharded in place); for ddp a
+    DistributedDataParallel wrapper around it; for single `vla`. Evaluation calls `vla` directly in all
+    cases (`predict_action_tokens` is registered as an FSDP forward method). Call on every rank.
+    """
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(vla)
+    if ctx.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        # The projector's output (fc3 on [B, P, D]) is a view; the VLA only reads it out of place (cast,
+        # concat), which is what the warning asks for.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"FSDP2-wrapped module \((FSDPFusedMLPProjector|FSDPModulesToSaveWrapper)\) returned a view",
+        )
+        if ctx.precision == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
+        for blocks in _block_lists(vla):
+            for block in blocks:
+                fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
+        fully_shard(vla.projector, mesh=ctx.mesh, mp_policy=mp)
+        fully_shard(vla, mesh=ctx.mesh, mp_policy=mp)
+        register_fsdp_forward_method(vla, "predict_action_tokens")
+        return vla
+    if ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DistributedDataParallel(vla, device_ids=device_ids)
+    return vla
+
+
+def reshard(vla: nn.Module) -> None:
+    """Free the gathered parameters FSDP2 keeps after a forward without backward (evaluation).
+
+    The root module does not reshard after forward, expecting the backward; after evaluation its
+    parameters would stay unsharded, and the optimizer (which holds the sharded ones) and checkpoints
+    would see other tensors. Local (no collective); a no-op without FSDP.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in vla.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def autocast(ctx: DistContext):
+    """bf16 autocast for single/DDP runs in bf16; FSDP casts through its MixedPrecisionPolicy instead."""
+    if ctx.precision == "bf16" and ctx.strategy != "fsdp":
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
+
+    FSDP2 keeps reduce-scattering every micro-batch (as torchtitan does): skipping it would hold unsharded
+    gradients, the memory FSDP exists to save.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not enabled and isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip to the global gradient norm over all ranks and return it (max_norm 0: measure only).
+
+    Under FSDP2 the gradients are sharded DTensors and torch's clip computes the norm of the whole
+    (unsharded) gradient; under DDP every rank already holds the all-reduced gradient. Call on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---- collectives ----------------------------------------------------------------------------------
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Element-wise sum of a list of numbers over ranks (float64). Call on every rank."""
+    if not ctx.has_group or ctx.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def sum_over_ranks(sums: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Sum metric dictionaries over ranks; ranks may hold different keys (e.g. per-dataset sums).
+
+    Call on every rank.
+    """
+    if not ctx.has_group or ctx.world_size == 1:
+        return dict(sums)
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, sums)
+    total: dict[str, float] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def barrier(ctx: DistContext) -> None:
+    """Call on every rank."""
+    if ctx.has_group and ctx.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank. Call on every rank."""
+    if not ctx.has_group or ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
