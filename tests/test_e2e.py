@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from vla_train.config import SyntheticDataConfig
+    """The demo's synthetic dataset (configs/demo.yaml's data.synthetic), built once for this module."""
+    from vla_train.config import TrainConfig, parse_config
     from vla_train.data.synthetic import build_synthetic_dataset
 
+    demo = parse_config(TrainConfig, ["--config_path", str(REPO / "configs/demo.yaml")], validate=False)
     root = tmp_path_factory.mktemp("demo_data")
-    build_synthetic_dataset(root, SyntheticDataConfig())  # the demo's dataset (400 + 40 episodes, 64 px)
+    build_synthetic_dataset(root, demo.data.synthetic)
     return root
 
 

@@ -178,3 +178,18 @@ def test_weights_that_do_not_match_the_config_are_named(built, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"in shape: .*mlp.*file \(128, 64\), config \(96, 64\)"):
         load_model_dir(tmp_path / "m")
+
+
+def test_qwen2_language_model_trains_and_predicts():
+    """Any transformers causal LM: a tiny Qwen2 (grouped-query attention, tied embeddings) in place of Llama."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY, llm_type="qwen2", llm_num_kv_heads=1, llm_tie_word_embeddings=True)
+    model, proc = build_from_config(cfg, INSTRUCTIONS, seed=0)
+    assert model.language_model.config.model_type == "qwen2"
+    images, inputs = batch(proc)
+    out = model(**inputs)
+    out.loss.backward()
+    assert model.language_model.get_input_embeddings().weight.grad is not None
+    tokens = VLAPolicy(model.eval(), proc).predict_tokens(images, INSTRUCTIONS)
+    assert tokens.shape == (3, 7)

@@ -90,11 +90,33 @@ class DataConfig:
     # Diagnostic modality ablation: none, blank_image (all frames black) or fixed_instruction (one
     # instruction for every frame). A policy that truly uses an input scores far lower without it.
     ablation: str = "none"
-    # Threads tf.data may use for parallel map/interleave (0 = tf.data.AUTOTUNE).
+    # Threads tf.data may use for parallel map/interleave (0 = tf.data.AUTOTUNE); a mixture splits them
+    # across its datasets in proportion to the weights.
     num_parallel_calls: int = 0
+    # A registry mixture name (datasets_registry/mixtures.yaml or registry_files) to read instead of
+    # dataset_name alone; empty = dataset_name. Each dataset keeps its own standardization and statistics.
+    mixture: str = ""
+    # Multiply each mixture weight by the dataset's number of transitions (then renormalize).
+    balance_weights: bool = False
+    # Action chunking: each frame's action becomes [F + 1, A] (this step and the next F); 0 = OpenVLA.
+    future_action_window_size: int = 0
+    # Proprio history length (images stay a single frame); 1 = OpenVLA.
+    window_size: int = 1
+    # Drop episodes with any |action| (|proprio|) above this bound; 0 = off.
+    max_action: float = 0.0
+    max_proprio: float = 0.0
+    # Keep at most this many steps per training episode (uniform random subset); 0 = off.
+    subsample_length: int = 0
+    # Add a goal image drawn uniformly from the same episode's future (batch key goal_image).
+    goal_relabeling: bool = False
 
     def validate(self, prefix: str = "data") -> list[str]:
         errs = []
+        for name in ("future_action_window_size", "max_action", "max_proprio", "subsample_length"):
+            if getattr(self, name) < 0:
+                errs.append(_problem(f"{prefix}.{name}", "must be >= 0 (0 = off)"))
+        if self.window_size < 1:
+            errs.append(_problem(f"{prefix}.window_size", "must be >= 1"))
         if self.normalization not in ("bounds_q99", "bounds", "normal"):
             errs.append(
                 _problem(
@@ -138,6 +160,17 @@ class DataConfig:
                     "holds your tfds datasets (or set data.build_synthetic true for the synthetic demo data)",
                 )
             )
+        elif self.mixture:
+            found = sorted(p.name for p in Path(self.data_root_dir).iterdir() if p.is_dir())
+            for name in self.mixture_datasets():
+                if not (Path(self.data_root_dir) / name).is_dir():
+                    errs.append(
+                        _problem(
+                            f"{prefix}.mixture",
+                            f"mixture '{self.mixture}' reads dataset '{name}', which is not under "
+                            f"'{self.data_root_dir}'; found: {found or 'nothing'}",
+                        )
+                    )
         elif not dataset_dir.is_dir():
             found = sorted(p.name for p in Path(self.data_root_dir).iterdir() if p.is_dir())
             errs.append(
@@ -148,6 +181,20 @@ class DataConfig:
                 )
             )
         return errs
+
+    def datasets(self) -> list[tuple[str, float]]:
+        """(dataset, weight) pairs to read: the mixture's, or [(dataset_name, 1.0)] (for StreamSpec.datasets)."""
+        if not self.mixture:
+            return [(self.dataset_name, 1.0)]
+        from vla_train.data.registry import load_registry
+
+        return load_registry(self.registry_files).mixture(self.mixture)
+
+    def mixture_datasets(self) -> list[str]:
+        try:
+            return [d for d, _ in self.datasets()]
+        except (KeyError, ValueError):
+            return []
 
     def _registry_problems(self, prefix: str) -> list[str]:
         """Load the registry (YAML only, no TensorFlow) with registry_files and check dataset_name.
@@ -161,7 +208,18 @@ class DataConfig:
                 return [_problem(f"{prefix}.registry_files", f"file '{f}' does not exist")]
         try:
             registry = load_registry(self.registry_files)
-            registry.dataset(self.dataset_name)
+            if self.mixture:
+                try:
+                    registry.mixture(self.mixture)
+                except UnknownNameError as e:
+                    return [
+                        _problem(
+                            f"{prefix}.mixture",
+                            f"{e}; define it under 'mixtures:' in a YAML file in data.registry_files",
+                        )
+                    ]
+            else:
+                registry.dataset(self.dataset_name)
         except RegistryError as e:
             return [_problem(f"{prefix}.registry_files", str(e))]
         except UnknownNameError as e:

@@ -1,0 +1,185 @@
+"""Dataset mixtures in the frame stream: weighted interleaving, per-dataset normalization, size-balanced
+weights, thread allocation, the DataConfig fields, and trajectory transforms through the loader."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from vla_train.data import rlds
+from vla_train.data.loader import FrameStream, StreamSpec, normalize_batch
+from vla_train.data.mixture import allocate_threads, balance_weights, resolve_mixture
+from vla_train.data.normalize import normalize
+from vla_train.data.synthetic import DATASET_NAME
+
+SECOND = "syn_b"
+
+
+@pytest.fixture(scope="module")
+def two_datasets(small_synthetic, tmp_path_factory):
+    """A data root with the synthetic dataset under two names, a registry YAML with the second one and a
+    mixture 'syn_pair' of both (3:1), and {name: statistics} (the second's action bounds doubled)."""
+    from vla_train.data.registry import add_registry_files, reset_default_registry
+
+    src, _ = small_synthetic
+    root = tmp_path_factory.mktemp("mix")
+    shutil.copytree(src / DATASET_NAME, root / DATASET_NAME)
+    shutil.copytree(src / DATASET_NAME, root / SECOND)
+    registry = root / "registry.yaml"
+    registry.write_text(
+        "datasets:\n"
+        f"  {SECOND}:\n"
+        "    image_obs_keys: {primary: image, secondary: null, wrist: null}\n"
+        "    state_obs_keys: [state]\n"
+        "    state_encoding: POS_EULER\n"
+        "    action_encoding: EEF_POS\n"
+        "    standardize_fn: vla_synthetic\n"
+        "mixtures:\n"
+        f"  syn_pair: [[{DATASET_NAME}, 3.0], [{SECOND}, 1.0]]\n"
+    )
+    add_registry_files([registry])
+    stats = {
+        DATASET_NAME: rlds.get_statistics(str(root), DATASET_NAME, str(root / "stats")),
+        SECOND: rlds.get_statistics(str(root), SECOND, str(root / "stats")),
+    }
+    b = stats[SECOND]["action"]
+    stats[SECOND] = {
+        **stats[SECOND],
+        "action": {**b, "q01": [2 * x for x in b["q01"]], "q99": [2 * x for x in b["q99"]]},
+    }
+    yield root, registry, stats
+    reset_default_registry()
+
+
+def spec(root, **kw):
+    base = dict(
+        data_root_dir=str(root),
+        dataset_name=DATASET_NAME,
+        image_size=16,
+        batch_size=50,
+        seed=1,
+        train=True,
+        shuffle_buffer_size=50,
+        datasets=[(DATASET_NAME, 0.75), (SECOND, 0.25)],
+    )
+    return StreamSpec(**{**base, **kw})
+
+
+def test_balance_weights_and_thread_allocation_math():
+    # weight x num_transitions, renormalized: 1*100 : 1*300 and 3*120 : 1*360
+    np.testing.assert_allclose(balance_weights([1, 1], [100, 300]), [0.25, 0.75])
+    np.testing.assert_allclose(balance_weights([3, 1], [120, 360]), [0.5, 0.5])
+    np.testing.assert_allclose(balance_weights([2, 1, 1], [10, 10, 20]), [0.4, 0.2, 0.4])
+    assert resolve_mixture([("a", 3), ("b", 1)]) == [("a", 0.75), ("b", 0.25)]
+    assert resolve_mixture([("a", 1), ("b", 1)], True, {"a": 100, "b": 300}) == [("a", 0.25), ("b", 0.75)]
+    with pytest.raises(ValueError):
+        resolve_mixture([("a", 1), ("b", 1)], True, {"a": 100})
+
+    assert allocate_threads(16, [0.75, 0.25]) == [12, 4]
+    assert allocate_threads(10, [0.98, 0.01, 0.01]) == [8, 1, 1]  # the small ones still get one each
+    for budget, weights in [(7, [1, 1, 1]), (5, [0.5, 0.3, 0.2]), (32, [5, 1, 0.1, 0.01]), (3, [1, 1, 1])]:
+        got = allocate_threads(budget, weights)
+        assert sum(got) == budget and min(got) >= 1
+    assert allocate_threads(7, [1, 1, 1]) in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+    with pytest.raises(ValueError):
+        allocate_threads(1, [1, 1])
+
+
+def test_normalize_batch_uses_each_frames_dataset_statistics(two_datasets):
+    _, _, stats = two_datasets
+    action = np.random.default_rng(0).uniform(-0.1, 0.1, size=(4, 7)).astype(np.float32)
+    names = [DATASET_NAME, SECOND, SECOND, DATASET_NAME]
+    got = normalize_batch(action, names, stats, "bounds_q99")
+    for i, name in enumerate(names):
+        s = stats[name]["action"]
+        np.testing.assert_allclose(got[i], normalize(action[i : i + 1], s, "bounds_q99", s["mask"])[0])
+    assert not np.allclose(got[0], normalize_batch(action[:1], [SECOND], stats, "bounds_q99")[0])
+    # one dataset's statistics (the single-dataset form) still works
+    single = normalize_batch(action, names, stats[DATASET_NAME], "bounds_q99")
+    np.testing.assert_allclose(single[0], got[0])
+    with pytest.raises(KeyError, match="nope"):
+        normalize_batch(action[:1], ["nope"], stats, "bounds_q99")
+
+
+def test_mixture_stream_follows_weights_and_normalizes_per_dataset(two_datasets):
+    root, _, stats = two_datasets
+    it = iter(FrameStream(spec(root), stats))
+    batches = [next(it) for _ in range(8)]  # 400 frames
+    names = [n for b in batches for n in b["dataset_name"]]
+    share = names.count(DATASET_NAME) / len(names)
+    assert set(names) == {DATASET_NAME, SECOND} and abs(share - 0.75) < 0.08
+    for b in batches[:2]:
+        for i, name in enumerate(b["dataset_name"]):
+            s = stats[name]["action"]
+            want = normalize(b["action_raw"][i : i + 1], s, "bounds_q99", s["mask"])[0]
+            np.testing.assert_allclose(b["action"][i], want, rtol=1e-6)
+    with pytest.raises(ValueError, match="statistics per dataset"):
+        next(iter(FrameStream(spec(root), stats[DATASET_NAME])))
+
+
+def test_balanced_mixture_and_eval_pass(two_datasets):
+    root, _, stats = two_datasets
+    # equal weights, but the second dataset claims 3x the transitions: 0.25 / 0.75
+    skewed = {
+        **stats,
+        SECOND: {**stats[SECOND], "num_transitions": 3 * stats[DATASET_NAME]["num_transitions"]},
+    }
+    s = spec(root, datasets=[(DATASET_NAME, 1.0), (SECOND, 1.0)], balance_weights=True, num_parallel_calls=4)
+    it = iter(FrameStream(s, skewed))
+    names = [n for _ in range(8) for n in next(it)["dataset_name"]]
+    assert abs(names.count(SECOND) / len(names) - 0.75) < 0.08
+    # evaluation: one pass over both datasets' val episodes (6 episodes x 4 steps each)
+    frames = [
+        n for b in FrameStream(spec(root, train=False, batch_size=16), stats) for n in b["dataset_name"]
+    ]
+    assert frames.count(DATASET_NAME) == 24 and frames.count(SECOND) == 24
+
+
+def test_stream_transforms_chunk_and_goal(two_datasets):
+    root, _, stats = two_datasets
+    s = spec(root, datasets=[], batch_size=16, future_action_window_size=2, goal_relabeling=True)
+    b = next(iter(FrameStream(s, stats[DATASET_NAME])))
+    assert b["action"].shape == (16, 3, 7) and b["action_pad_mask"].shape == (16, 3)
+    assert b["goal_image"].shape == (16, 16, 16, 3)
+    pad = ~b["action_pad_mask"]
+    assert pad.any()  # 4-step episodes: the last steps' chunks run past the end
+    # padded positions: normalized deltas are 0 (OpenVLA's neutral), the gripper is a raw 0/1
+    np.testing.assert_array_equal(b["action"][pad][:, :6], 0.0)
+    assert set(np.unique(b["action"][..., 6])) <= {0.0, 1.0}
+    sub = spec(root, datasets=[], batch_size=16, subsample_length=2, max_action=1e6)
+    assert next(iter(FrameStream(sub, stats[DATASET_NAME])))["action"].shape == (16, 7)
+
+
+def test_data_config_mixture_fields(two_datasets):
+    from vla_train.config import DataConfig
+
+    root, registry, _ = two_datasets
+    ok = DataConfig(data_root_dir=str(root), mixture="syn_pair", registry_files=[str(registry)])
+    assert ok.validate() == [] and ok.datasets() == [(DATASET_NAME, 3.0), (SECOND, 1.0)]
+    assert DataConfig(data_root_dir=str(root)).datasets() == [(DATASET_NAME, 1.0)]
+    typo = DataConfig(data_root_dir=str(root), mixture="syn_pari", registry_files=[str(registry)])
+    errs = typo.validate()
+    assert any(e.startswith("data.mixture") and "syn_pair" in e for e in errs)
+    bad = DataConfig(
+        data_root_dir=str(root),
+        future_action_window_size=-1,
+        max_action=-1.0,
+        subsample_length=-2,
+        window_size=0,
+    )
+    fields = {e.split(":")[0] for e in bad.validate()}
+    assert {
+        "data.future_action_window_size",
+        "data.max_action",
+        "data.subsample_length",
+        "data.window_size",
+    } <= fields
+    (root / "registry2.yaml").write_text(
+        f"mixtures:\n  with_missing: [[{DATASET_NAME}, 1.0], [bridge_orig, 1.0]]\n"
+    )
+    missing = DataConfig(
+        data_root_dir=str(root), mixture="with_missing", registry_files=[str(root / "registry2.yaml")]
+    )
+    assert any("bridge_orig" in e and e.startswith("data.mixture") for e in missing.validate())
