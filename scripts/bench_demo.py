@@ -47,7 +47,9 @@ def main() -> None:
         "export_s": round(t_export, 1),
         "total_s": round(t_train + t_export, 1),
         "val_action_token_accuracy": round(val["val/action_token_accuracy"], 4),
-        "val_generated_action_token_accuracy": round(val.get("val/generated_action_token_accuracy", float("nan")), 4),
+        "val_generated_action_token_accuracy": round(
+            val.get("val/generated_action_token_accuracy", float("nan")), 4
+        ),
         "val_action_l1": round(val["val/action_l1"], 4),
         "steps": val["step"],
         "train_samples_per_s": round(

@@ -193,3 +193,17 @@ def test_qwen2_language_model_trains_and_predicts():
     assert model.language_model.get_input_embeddings().weight.grad is not None
     tokens = VLAPolicy(model.eval(), proc).predict_tokens(images, INSTRUCTIONS)
     assert tokens.shape == (3, 7)
+
+
+def test_unnorm_key_is_required_with_several_datasets(built):
+    model, proc = built
+    stats = model.config.norm_stats["ds"]
+    model.config.norm_stats = {"bridge": stats, "fractal": stats}
+    try:
+        policy = VLAPolicy(model, proc)
+        image = np.zeros((32, 32, 3), np.uint8)
+        with pytest.raises(ValueError, match=r"pass unnorm_key= one of \['bridge', 'fractal'\]"):
+            policy.predict_action(image, "open the drawer")
+        assert policy.predict_action(image, "open the drawer", unnorm_key="fractal").shape == (7,)
+    finally:
+        model.config.norm_stats = {"ds": stats}
