@@ -36,28 +36,44 @@ def cli_args(data_root, out, run_id, *extra):
     ]  # fmt: skip
 
 
-def train(data_root, out, run_id, *extra):
-    proc = run_cli("train_main", *cli_args(data_root, out, run_id, *extra))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / run_id, proc
+# The demo recipe, shorter; one torch thread per run so that the three runs share the two cores well.
+RECIPE = ["--training.max_steps", "600", "--training.num_val_frames", "210", "--logging.log_every", "100",
+          "--training.num_threads", "1"]  # fmt: skip
+ABLATIONS = ("none", "blank_image", "fixed_instruction")
 
 
-def test_train_export_reload_predict(demo_data, tmp_path):
-    run_dir, proc = train(
-        demo_data, tmp_path, "e2e", "--training.max_steps", "30", "--logging.log_every", "10",
-        "--training.num_val_frames", "64", "--logging.wandb_mode", "offline",
-    )  # fmt: skip
+@pytest.fixture(scope="module")
+def runs(demo_data, tmp_path_factory):
+    """Three trainings run side by side through the real CLI, identical but for the modality ablation:
+    the real one ("none", also logged to wandb offline and then exported), blank images, one instruction."""
+    out = tmp_path_factory.mktemp("runs")
+    code = "import sys; from vla_train.cli import train_main; train_main(sys.argv[1:])"
+    procs = {}
+    for ablation in ABLATIONS:
+        extra = ["--logging.wandb_mode", "offline"] if ablation == "none" else []
+        args = cli_args(demo_data, out, ablation, *RECIPE, "--data.ablation", ablation, *extra)
+        procs[ablation] = subprocess.Popen(
+            [sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    logs = {}
+    for ablation, p in procs.items():
+        logs[ablation], _ = p.communicate(timeout=900)
+        assert p.returncode == 0, logs[ablation][-3000:]
+    return out, logs
+
+
+def test_train_export_reload_predict(runs):
+    out, logs = runs
+    run_dir = out / "none"
     metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics if "train/loss" in m] == [10, 20, 30]
+    assert [m["step"] for m in metrics if "train/loss" in m] == [100, 200, 300, 400, 500, 600]
     final = metrics[-1]
-    assert (
-        final["step"] == 30
-        and 0.0 <= final["val/action_token_accuracy"] <= 1.0
-        and final["val/num_frames"] == 64
-    )
-    assert "val/action_token_accuracy" in proc.stdout
+    assert final["step"] == 600 and 0.0 <= final["val/action_token_accuracy"] <= 1.0
+    assert final["val/num_frames"] == 210
+    assert "val/action_token_accuracy" in logs["none"]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run file"
-    assert (run_dir / "checkpoints" / "step_00000030" / "state.json").is_file()
+    assert (run_dir / "checkpoints" / "step_00000600" / "state.json").is_file()
     stats = json.loads((run_dir / "dataset_statistics.json").read_text())
     assert stats["vla_synthetic"]["num_trajectories"] == 3100
 
@@ -87,31 +103,17 @@ def test_train_export_reload_predict(demo_data, tmp_path):
     assert not torch.equal(fresh.state_dict()[name], merged.state_dict()[name])
 
 
-# The demo recipe, shorter; one torch thread per run so that the three runs share the two cores well.
-ABLATION_RECIPE = ["--training.max_steps", "600", "--training.num_val_frames", "210", "--logging.log_every", "100",
-                   "--training.num_threads", "1"]  # fmt: skip
-
-
-def test_policy_needs_both_image_and_instruction(demo_data, tmp_path):
+def test_policy_needs_both_image_and_instruction(runs):
     """Trained the same way, blank images or one fixed instruction stay far below the real run.
 
     Compared on generated actions (greedy decoding, what predict_action returns): with teacher forcing a
     policy that lacks the instruction can still read the signed speed off the first true action token and
     get the rest right, which says nothing about what it knows on its own.
     """
-    runs = {}
-    for ablation in ("none", "blank_image", "fixed_instruction"):
-        args = cli_args(demo_data, tmp_path, ablation, *ABLATION_RECIPE, "--data.ablation", ablation)
-        code = "import sys; from vla_train.cli import train_main; train_main(sys.argv[1:])"
-        runs[ablation] = subprocess.Popen(
-            [sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
+    out, _ = runs
     gen, tf = {}, {}
-    for ablation, p in runs.items():
-        out, _ = p.communicate(timeout=900)
-        assert p.returncode == 0, out[-3000:]
-        final = read_metrics(tmp_path / ablation)[-1]
+    for ablation in ABLATIONS:
+        final = read_metrics(out / ablation)[-1]
         gen[ablation] = final["val/generated_action_token_accuracy"]
         tf[ablation] = final["val/action_token_accuracy"]
     print("generated action-token accuracy:", gen, "teacher-forced:", tf)
