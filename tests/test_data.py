@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from vla_test_utils import frame_spec
 from vla_train.config import SyntheticDataConfig
 from vla_train.data import rlds
-from vla_train.data.loader import FrameStream, StreamSpec
+from vla_train.data.loader import FrameStream
 from vla_train.data.synthetic import DATASET_NAME, Block, generate_episode, target_action
 
 
@@ -78,16 +79,7 @@ def test_statistics_match_numpy_and_are_cached(small_synthetic, tmp_path, monkey
 
 
 def spec(root, **kw):
-    base = dict(
-        data_root_dir=str(root),
-        dataset_name=DATASET_NAME,
-        image_size=16,
-        batch_size=8,
-        seed=1,
-        train=True,
-        shuffle_buffer_size=50,
-    )
-    return StreamSpec(**{**base, **kw})
+    return frame_spec(root, **kw)
 
 
 def test_frame_stream_batches_are_normalized_and_resized(small_synthetic, tmp_path):

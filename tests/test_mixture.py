@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
+from vla_test_utils import frame_spec
 from vla_train.data import rlds
-from vla_train.data.loader import FrameStream, StreamSpec, normalize_batch
+from vla_train.data.loader import FrameStream, normalize_batch
 from vla_train.data.mixture import allocate_threads, balance_weights, resolve_mixture
 from vla_train.data.normalize import normalize
 from vla_train.data.synthetic import DATASET_NAME
@@ -54,17 +55,7 @@ def two_datasets(small_synthetic, tmp_path_factory):
 
 
 def spec(root, **kw):
-    base = dict(
-        data_root_dir=str(root),
-        dataset_name=DATASET_NAME,
-        image_size=16,
-        batch_size=50,
-        seed=1,
-        train=True,
-        shuffle_buffer_size=50,
-        datasets=[(DATASET_NAME, 0.75), (SECOND, 0.25)],
-    )
-    return StreamSpec(**{**base, **kw})
+    return frame_spec(root, **{"batch_size": 50, "datasets": [(DATASET_NAME, 0.75), (SECOND, 0.25)], **kw})
 
 
 def test_balance_weights_and_thread_allocation_math():

@@ -23,3 +23,20 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def frame_spec(root, **overrides):
+    """A small training StreamSpec over the synthetic dataset under `root` (16 px frames, batch 8)."""
+    from vla_train.data.loader import StreamSpec
+    from vla_train.data.synthetic import DATASET_NAME
+
+    base = dict(
+        data_root_dir=str(root),
+        dataset_name=DATASET_NAME,
+        image_size=16,
+        batch_size=8,
+        seed=1,
+        train=True,
+        shuffle_buffer_size=50,
+    )
+    return StreamSpec(**{**base, **overrides})
