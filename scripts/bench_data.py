@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--decode-seconds", type=float, default=60)
     ap.add_argument("--seconds", type=float, default=300, help="length of the full-pipeline stream")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ram-budget-gb", type=float, default=8.0, help="data.ram_budget_gb of the stream")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args()
@@ -92,7 +93,7 @@ def main() -> None:
 
     spec = StreamSpec(
         data_root_dir=str(big), dataset_name=DATASET_NAME, image_size=224, batch_size=args.batch, seed=0,
-        train=True, shuffle_buffer_size=10000, image_augmentation=True,
+        train=True, shuffle_buffer_size=10000, image_augmentation=True, ram_budget_gb=args.ram_budget_gb,
     )  # fmt: skip
     samples: list[tuple[float, float]] = []
     start = time.perf_counter()
@@ -150,6 +151,7 @@ def main() -> None:
         "ratio": round(pipeline / decode, 3),
         "rss_mb_first_minute": round(statistics.mean(first), 1),
         "rss_mb_last_minute": round(statistics.mean(last), 1),
+        "rss_mb_peak": round(max(r for _, r in samples), 1),
         "mixture_first_batch_s": round(first_batch, 2),
         "stream_seconds": args.seconds,
         "cores": cores,

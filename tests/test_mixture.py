@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vla_test_utils import frame_spec
+from vla_test_utils import frame_spec, registry_yaml
 from vla_train.data import rlds
 from vla_train.data.loader import FrameStream, normalize_batch
 from vla_train.data.mixture import allocate_threads, balance_weights, resolve_mixture
@@ -30,15 +30,7 @@ def two_datasets(small_synthetic, tmp_path_factory):
     shutil.copytree(src / DATASET_NAME, root / SECOND)
     registry = root / "registry.yaml"
     registry.write_text(
-        "datasets:\n"
-        f"  {SECOND}:\n"
-        "    image_obs_keys: {primary: image, secondary: null, wrist: null}\n"
-        "    state_obs_keys: [state]\n"
-        "    state_encoding: POS_EULER\n"
-        "    action_encoding: EEF_POS\n"
-        "    standardize_fn: vla_synthetic\n"
-        "mixtures:\n"
-        f"  syn_pair: [[{DATASET_NAME}, 3.0], [{SECOND}, 1.0]]\n"
+        registry_yaml({SECOND: "vla_synthetic"}, {"syn_pair": [(DATASET_NAME, 3.0), (SECOND, 1.0)]})
     )
     add_registry_files([registry])
     stats = {
@@ -174,3 +166,80 @@ def test_data_config_mixture_fields(two_datasets):
         data_root_dir=str(root), mixture="with_missing", registry_files=[str(root / "registry2.yaml")]
     )
     assert any("bridge_orig" in e and e.startswith("data.mixture") for e in missing.validate())
+
+
+def test_mixture_resume_on_two_ranks_across_an_epoch_boundary(two_datasets):
+    """Each of 2 ranks reads its own shard of a 2-dataset mixture (augmentation on). A loader restored
+    from the state after N batches yields exactly the batches the original yields next; N is past the
+    point where the rank has read every frame of its shard of the smaller-weighted dataset (an epoch
+    boundary), and the compared batches cross further boundaries."""
+    root, _, stats = two_datasets
+
+    def rank_spec(rank):
+        return spec(root, batch_size=8, num_shards=2, shard_index=rank, image_augmentation=True)
+
+    # train split: 24 episodes x 4 steps; a rank's shard holds 12 episodes = 48 frames per dataset
+    shard_frames = 48
+    seen_by_rank = []
+    for rank in (0, 1):
+        stream = FrameStream(rank_spec(rank), stats)
+        it = iter(stream)
+        head = [next(it) for _ in range(30)]
+        state = stream.state_dict()
+        tail = [next(it) for _ in range(12)]
+        second = sum(n == SECOND for b in head for n in b["dataset_name"])
+        assert second > shard_frames, "the resume point must lie past an epoch of the second dataset"
+        first = sum(n == DATASET_NAME for b in head + tail for n in b["dataset_name"])
+        assert first > 2 * shard_frames  # and the first dataset crosses two of its own
+        restored = FrameStream(rank_spec(rank), stats)
+        restored.load_state_dict(state)
+        again = iter(restored)
+        for want in tail:
+            got = next(again)
+            for key in ("image", "action", "action_raw", "proprio"):
+                np.testing.assert_array_equal(got[key], want[key])
+            assert got["instruction"] == want["instruction"]
+            assert got["dataset_name"] == want["dataset_name"]
+            assert got["episode_id"] == want["episode_id"]
+        assert restored.state_dict() == stream.state_dict()
+        seen_by_rank.append({e for b in head + tail for e in b["episode_id"]})
+    # disjoint shards: no episode is read by both ranks
+    assert seen_by_rank[0] and seen_by_rank[1] and not seen_by_rank[0] & seen_by_rank[1]
+
+
+def test_cameras_absent_from_a_dataset_are_black_and_masked(two_datasets, tmp_path):
+    """A mixture where one dataset has a wrist camera (the same stored image, registered as wrist too)
+    and the other has none: batches carry image_wrist and image_wrist_mask; the missing camera is a
+    black frame with mask False, the present one equals the primary image's pipeline output."""
+    from vla_train.data.registry import add_registry_files
+
+    root, _, stats = two_datasets
+    extra = tmp_path / "wrist.yaml"
+    extra.write_text(registry_yaml({"syn_wrist": "vla_synthetic"}, wrist=True))
+    add_registry_files([extra])
+    shutil.copytree(root / SECOND, root / "syn_wrist", dirs_exist_ok=True)
+    all_stats = {**stats, "syn_wrist": stats[SECOND]}
+    s = spec(root, datasets=[(DATASET_NAME, 0.5), ("syn_wrist", 0.5)], cameras=["primary", "wrist"])
+    batch = next(iter(FrameStream(s, all_stats)))
+    assert batch["image_wrist"].shape == batch["image"].shape
+    mask = batch["image_wrist_mask"]
+    names = np.array(batch["dataset_name"])
+    np.testing.assert_array_equal(mask, names == "syn_wrist")
+    assert 0 < mask.sum() < len(mask)
+    assert not batch["image_wrist"][~mask].any()
+    np.testing.assert_array_equal(batch["image_wrist"][mask], batch["image"][mask])
+
+
+def test_memory_plan_sizes_shuffle_buffer_and_prefetch():
+    from vla_train.data.loader import memory_plan
+
+    s = frame_spec("/nowhere", image_size=224, batch_size=32, shuffle_buffer_size=100_000)
+    assert memory_plan(s, 20_000)["shuffle_buffer_size"] == 100_000  # no budget: as configured
+    s.ram_budget_gb = 1.0
+    plan = memory_plan(s, 20_000)
+    # 70% of 1 GiB over 1.5 x 20 kB per encoded frame
+    assert plan["shuffle_buffer_size"] == int(0.7 * 1024**3 / 30_000)
+    assert plan["autotune_ram_bytes"] == int(0.2 * 1024**3)
+    assert 1 <= plan["prefetch"] <= 4
+    s.ram_budget_gb = 64.0
+    assert memory_plan(s, 20_000)["shuffle_buffer_size"] == 100_000  # the budget only caps it

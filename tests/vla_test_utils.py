@@ -40,3 +40,27 @@ def frame_spec(root, **overrides):
         shuffle_buffer_size=50,
     )
     return StreamSpec(**{**base, **overrides})
+
+
+def registry_yaml(
+    datasets: dict[str, str], mixtures: dict[str, list[tuple[str, float]]] | None = None, wrist: bool = False
+) -> str:
+    """A registry YAML text that registers copies of the synthetic dataset: {name: standardize_fn}, in the
+    synthetic layout (primary camera `image`, and the same image as the wrist camera with wrist=True),
+    plus {mixture: [(dataset, weight)]}."""
+    lines = ["datasets:"]
+    for name, fn in datasets.items():
+        lines += [
+            f"  {name}:",
+            f"    image_obs_keys: {{primary: image, secondary: null, wrist: {'image' if wrist else 'null'}}}",
+            "    state_obs_keys: [state]",
+            "    state_encoding: POS_EULER",
+            "    action_encoding: EEF_POS",
+            f"    standardize_fn: {fn}",
+        ]
+    if mixtures:
+        lines.append("mixtures:")
+        lines += [
+            f"  {m}: {[[d, float(w)] for d, w in pairs]}".replace("'", "") for m, pairs in mixtures.items()
+        ]
+    return "\n".join(lines) + "\n"

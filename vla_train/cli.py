@@ -45,7 +45,10 @@ def export_main(argv: list[str] | None = None) -> None:
 
 
 def stats_main(argv: list[str] | None = None) -> None:
-    """vla-stats --data.data_root_dir DIR --data.dataset_name NAME: compute (or show cached) statistics."""
+    """vla-stats --data.data_root_dir DIR --data.dataset_name NAME: compute (or show cached) statistics.
+
+    With --data.mixture NAME: the statistics of every dataset of the mixture, one line per dataset.
+    """
     try:
         cfg = parse_config(StatsConfig, argv)
     except ConfigError as e:
@@ -54,11 +57,26 @@ def stats_main(argv: list[str] | None = None) -> None:
 
     from vla_train.data.rlds import DatasetError, get_statistics
 
-    try:
-        stats = get_statistics(cfg.data.data_root_dir, cfg.data.dataset_name, cfg.data.stats_cache_dir)
-    except DatasetError as e:
-        _fail(e)
-    print(json.dumps({cfg.data.dataset_name: stats}, indent=2))
+    d = cfg.data
+    if not d.mixture:
+        try:
+            stats = get_statistics(d.data_root_dir, d.dataset_name, d.stats_cache_dir, d.on_bad_data)
+        except DatasetError as e:
+            _fail(e)
+        print(json.dumps({d.dataset_name: stats}, indent=2))
+        return
+    datasets = d.datasets()
+    print(f"mixture '{d.mixture}': {len(datasets)} dataset(s)", flush=True)
+    for name, weight in datasets:
+        try:
+            stats = get_statistics(d.data_root_dir, name, d.stats_cache_dir, d.on_bad_data)
+        except DatasetError as e:
+            _fail(e)
+        print(
+            f"{name}: weight {weight:g}, {stats['num_trajectories']} trajectories, "
+            f"{stats['num_transitions']} transitions, action dim {len(stats['action']['q01'])}",
+            flush=True,
+        )
 
 
 def data_main(argv: list[str] | None = None) -> None:

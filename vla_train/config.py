@@ -90,8 +90,9 @@ class DataConfig:
     # Diagnostic modality ablation: none, blank_image (all frames black) or fixed_instruction (one
     # instruction for every frame). A policy that truly uses an input scores far lower without it.
     ablation: str = "none"
-    # Threads tf.data may use for parallel map/interleave (0 = tf.data.AUTOTUNE); a mixture splits them
-    # across its datasets in proportion to the weights.
+    # Threads tf.data may use for parallel map/interleave (0 = tf.data.AUTOTUNE), and the threads that
+    # resize/augment each batch (0 = one per core); a mixture splits the tf.data threads across its
+    # datasets in proportion to the weights.
     num_parallel_calls: int = 0
     # A registry mixture name (datasets_registry/mixtures.yaml or registry_files) to read instead of
     # dataset_name alone; empty = dataset_name. Each dataset keeps its own standardization and statistics.
@@ -109,6 +110,16 @@ class DataConfig:
     subsample_length: int = 0
     # Add a goal image drawn uniformly from the same episode's future (batch key goal_image).
     goal_relabeling: bool = False
+    # Cameras to read, by registry role: primary (batch key image), secondary, wrist (image_<role>).
+    # A dataset without a listed camera gets black frames and image_<role>_mask False.
+    cameras: list[str] = field(default_factory=lambda: ["primary"])
+    # Host RAM this process's data pipeline may use, in GiB: it caps the shuffle buffer (encoded frames,
+    # sized from the datasets' average frame size) and the prefetch depth. 0 = no cap.
+    ram_budget_gb: float = 8.0
+    # Bad input (NaN actions or proprio, a corrupt JPEG): raise (an error naming the dataset, episode and
+    # key) or skip (drop the episode/frame and count it in the logs). Structural problems (missing
+    # directory or key, wrong action dimension, empty dataset) always raise.
+    on_bad_data: str = "raise"
 
     def validate(self, prefix: str = "data") -> list[str]:
         errs = []
@@ -133,6 +144,19 @@ class DataConfig:
             )
         if self.shuffle_buffer_size < 1:
             errs.append(_problem(f"{prefix}.shuffle_buffer_size", "must be >= 1"))
+        if self.ram_budget_gb < 0:
+            errs.append(_problem(f"{prefix}.ram_budget_gb", "must be >= 0 (0 = no cap)"))
+        if self.on_bad_data not in ("raise", "skip"):
+            errs.append(_problem(f"{prefix}.on_bad_data", f"unknown '{self.on_bad_data}'; use raise or skip"))
+        bad_cameras = [c for c in self.cameras if c not in ("primary", "secondary", "wrist")]
+        if bad_cameras or "primary" not in self.cameras or len(set(self.cameras)) != len(self.cameras):
+            errs.append(
+                _problem(
+                    f"{prefix}.cameras",
+                    f"{self.cameras} is not a list of distinct roles from primary, secondary, wrist that "
+                    "includes primary (the policy's image)",
+                )
+            )
         if self.num_parallel_calls < 0:
             errs.append(_problem(f"{prefix}.num_parallel_calls", "must be >= 0 (0 = autotune)"))
         errs += self._registry_problems(prefix)

@@ -1,6 +1,6 @@
 """vla-export: merge a run's LoRA adapters into its base model in one CPU process and write a
-self-contained model directory (weights, config with the fine-tuning dataset's norm_stats, tokenizer,
-processor settings, dataset_statistics.json).
+self-contained model directory (weights, config with the norm_stats of the fine-tuning dataset, or of
+each dataset of a mixture, tokenizer, processor settings, dataset_statistics.json).
 
 Checks made on every export, on sample frames: the merged model predicts the same action tokens as the
 unmerged (base + adapters) one, and the written directory, reloaded, predicts the same tokens again.
@@ -28,24 +28,37 @@ from vla_train.training.trainer import BASE_MODEL_DIR
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    return parse_config(TrainConfig, ["--config_path", str(run_dir / "config.yaml")], validate=False)
+    """The run's config as trained (not re-validated), with its data.registry_files registered so that the
+    data pipeline knows the run's own datasets and mixtures."""
+    cfg = parse_config(TrainConfig, ["--config_path", str(run_dir / "config.yaml")], validate=False)
+    existing = [f for f in cfg.data.registry_files if Path(f).is_file()]
+    if existing:
+        from vla_train.data.registry import add_registry_files
+
+        add_registry_files(existing)
+    return cfg
 
 
 def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: int, stride: int = 7) -> dict:
     """n held-out frames, every `stride`-th of the validation split's first n * stride (so that they come
-    from different episodes): images at model size, instructions, physical actions."""
-    from vla_train.data.loader import FrameStream
-    from vla_train.training.trainer import stream_spec
+    from different episodes; for a mixture, the validation splits of its datasets interleaved at the
+    mixture's weights): images at model size, instructions, physical actions (of the frame's own step when
+    actions are chunked) and dataset_name, the frame's dataset (its unnorm_key).
 
-    stats = norm_stats[train_cfg.data.dataset_name]
+    norm_stats: the run's {dataset_name: statistics} (dataset_statistics.json).
+    """
+    from vla_train.data.loader import FrameStream
+    from vla_train.training.trainer import current_action, stream_spec
+
     spec = stream_spec(train_cfg, image_size, train=False)
     spec.batch_size = n * stride
-    batch = next(iter(FrameStream(spec, stats)))
+    batch = next(iter(FrameStream(spec, norm_stats)))
     pick = slice(0, None, stride) if len(batch["instruction"]) >= n * stride else slice(0, n)
     return {
         "image": batch["image"][pick][:n],
         "instruction": batch["instruction"][pick][:n],
-        "action": batch["action_raw"][pick][:n],
+        "action": current_action(batch, "action_raw")[pick][:n],
+        "dataset_name": batch["dataset_name"][pick][:n],
     }
 
 
@@ -115,9 +128,13 @@ def export_run(cfg: ExportConfig) -> Path:
 
     if cfg.predict_samples:
         np.set_printoptions(precision=3, suppress=True, floatmode="fixed")
-        preds = policy.predict_action_batch(frames["image"], frames["instruction"])
+        # each frame unnormalized with its own dataset's statistics (one unnorm_key per frame)
+        preds = policy.predict_action_batch(
+            frames["image"], frames["instruction"], unnorm_key=frames["dataset_name"]
+        )
         for i in range(cfg.predict_samples):
-            print(f"instruction: {frames['instruction'][i]}")
+            dataset = f" [{frames['dataset_name'][i]}]" if len(norm_stats) > 1 else ""
+            print(f"instruction: {frames['instruction'][i]}{dataset}")
             print(f"  predicted action: {preds[i]}")
             print(f"  true action:      {np.asarray(frames['action'][i])}")
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,24 +1,45 @@
-"""OpenVLA's train-time image augmentation, as stateless TF ops seeded per frame (reproducible from the
-run seed): random resized crop (scale 0.9, ratio 1.0, back to input size), brightness 0.2, contrast
-[0.8, 1.2], saturation [0.8, 1.2], hue 0.05, values clipped to [0, 1] after each op."""
+"""OpenVLA's train-time image augmentation: its random parameters, one set per frame, drawn from the run
+seed and the frame's position in the stream (a counter-based hash, so any frame's parameters can be
+recomputed, e.g. after a resume), in the order image_ops applies them:
+
+    random resized crop  scale 0.9, ratio 1.0 (side sqrt(0.9)), back to the input size: offsets y, x
+    brightness           delta uniform in [-0.2, 0.2]
+    contrast             factor uniform in [0.8, 1.2]
+    saturation           factor uniform in [0.8, 1.2]
+    hue                  delta uniform in [-0.05, 0.05]
+"""
 
 from __future__ import annotations
 
-import tensorflow as tf
+import math
+
+import numpy as np
+
+from vla_train.data.image_ops import CROP_AREA, NUM_AUG_PARAMS
+
+BRIGHTNESS = 0.2
+CONTRAST = (0.8, 1.2)
+SATURATION = (0.8, 1.2)
+HUE = 0.05
+
+_SIDE = math.sqrt(CROP_AREA)
+LOW = np.array([0.0, 0.0, -BRIGHTNESS, CONTRAST[0], SATURATION[0], -HUE])
+HIGH = np.array([1.0 - _SIDE, 1.0 - _SIDE, BRIGHTNESS, CONTRAST[1], SATURATION[1], HUE])
 
 
-def augment_image(image_HWC_float01: tf.Tensor, seed_2: tf.Tensor) -> tf.Tensor:
-    seeds = tf.random.experimental.stateless_split(seed_2, num=6)
-    img = image_HWC_float01
-    h = tf.cast(tf.shape(img)[0], tf.float32)
-    w = tf.cast(tf.shape(img)[1], tf.float32)
-    side = tf.sqrt(0.9)  # area 0.9 with aspect ratio 1.0
-    off = tf.random.stateless_uniform([2], seeds[0], 0.0, 1.0 - side)
-    box = tf.stack([off[0], off[1], off[0] + side, off[1] + side])[None]
-    img = tf.image.crop_and_resize(img[None], box, [0], tf.cast(tf.stack([h, w]), tf.int32))[0]
-    img = tf.clip_by_value(img, 0.0, 1.0)
-    img = tf.clip_by_value(tf.image.stateless_random_brightness(img, 0.2, seeds[1]), 0.0, 1.0)
-    img = tf.clip_by_value(tf.image.stateless_random_contrast(img, 0.8, 1.2, seeds[2]), 0.0, 1.0)
-    img = tf.clip_by_value(tf.image.stateless_random_saturation(img, 0.8, 1.2, seeds[3]), 0.0, 1.0)
-    img = tf.clip_by_value(tf.image.stateless_random_hue(img, 0.05, seeds[4]), 0.0, 1.0)
-    return img
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def augment_params(seed: int, frame_index: np.ndarray) -> np.ndarray:
+    """float32 [B, NUM_AUG_PARAMS]: each frame's parameters, uniform in their ranges, from (seed, index)."""
+    index = np.asarray(frame_index, np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.full(index.shape, seed, np.int64).astype(np.uint64))
+        key = _splitmix64(key ^ index)[:, None] + np.arange(NUM_AUG_PARAMS, dtype=np.uint64)[None]
+        bits = _splitmix64(key) >> np.uint64(11)  # 53 random bits
+    unit = bits.astype(np.float64) / float(1 << 53)
+    return (LOW + unit * (HIGH - LOW)).astype(np.float32)

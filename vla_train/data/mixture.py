@@ -57,11 +57,13 @@ def is_per_dataset(statistics: Mapping[str, Any]) -> bool:
     return "action" not in statistics
 
 
-def mixture_statistics(data_root_dir: str, datasets: Sequence[str], cache_dir: str = "") -> dict[str, Any]:
+def mixture_statistics(
+    data_root_dir: str, datasets: Sequence[str], cache_dir: str = "", on_bad_data: str = "raise"
+) -> dict[str, Any]:
     """{dataset_name: statistics} of every dataset of a mixture (each from its own cache entry)."""
     from vla_train.data.rlds import get_statistics
 
-    return {name: get_statistics(data_root_dir, name, cache_dir) for name in datasets}
+    return {name: get_statistics(data_root_dir, name, cache_dir, on_bad_data) for name in datasets}
 
 
 def resolve_mixture(

@@ -3,7 +3,17 @@ apply the dataset's registered standardization (datasets_registry/), and restruc
 vla_train's trajectory layout with images still JPEG-encoded:
 
     {observation: {image_primary: string[T], (image_secondary, image_wrist,) proprio: float32[T, P]},
-     task: {language_instruction: string[T]}, action: float32[T, A], dataset_name: string[T]}
+     task: {language_instruction: string[T]}, action: float32[T, A], dataset_name: string[T],
+     episode_id: string[T]}
+
+`episode_id` is tfds' id of the episode's record, "<name>-<split>.tfrecord-<shard>-of-<n>__<index>": it names
+the file and the record, so every error about an episode can point at it.
+
+Structural problems raise a `DatasetError` naming the dataset (and the split, key or file) before any data
+flows: a missing directory, an unknown dataset or mixture name, a key the registry names that the stored
+episodes lack, an action width other than the registry's `action_dim`, an empty split. Bad values (NaN/inf)
+are handled by `on_bad_data` (raise or skip and count): in the statistics pass here, in the stream by
+`transforms.EpisodeFilter`; see validate.py for the errors raised while a pipeline runs.
 """
 
 from __future__ import annotations
@@ -73,6 +83,63 @@ def dataset_spec(dataset_name: str):
         ) from None
 
 
+def mixture_spec(mixture_name: str) -> list[tuple[str, float]]:
+    """The (dataset, weight) pairs of a registered mixture (or of a dataset alone), or a DatasetError."""
+    from vla_train.data.registry import UnknownNameError, get_mixture
+
+    try:
+        return get_mixture(mixture_name)
+    except UnknownNameError as e:
+        raise DatasetError(
+            f"{e}. Define it under 'mixtures:' in a YAML file (see datasets_registry/mixtures.yaml) and pass "
+            "it with data.registry_files"
+        ) from None
+
+
+def split_size(builder, split: str, dataset_name: str) -> int:
+    """Number of episodes in `split` (a tfds split or slice such as 'train[:95%]'); a missing or empty
+    split raises a DatasetError naming the dataset and the split."""
+    splits = builder.info.splits
+    base = split.split("[", 1)[0]
+    available = {k: v.num_examples for k, v in splits.items()}
+    if base != "all" and base not in splits:
+        raise DatasetError(
+            f"dataset '{dataset_name}': no split '{base}' (the dataset has {available or 'no splits'}); "
+            "is it a complete tfds build?"
+        )
+    if split == "all":
+        n = sum(int(v.num_examples or 0) for v in splits.values())
+    else:
+        try:
+            n = int(splits[split].num_examples or 0)
+        except (ValueError, KeyError):  # tfds cannot slice a split without data
+            n = 0
+    if n <= 0:
+        if "[" in split:
+            fix = (
+                "without a 'val' split evaluation reads the last 5% of 'train': give the dataset a 'val' "
+                "split or more episodes"
+            )
+        else:
+            fix = "re-download or rebuild the dataset"
+        raise DatasetError(
+            f"dataset '{dataset_name}': split '{split}' has no episodes (episodes per split: {available}); {fix}"
+        )
+    return n
+
+
+def _features_keys(builder) -> str:
+    """The stored step keys, for error messages: 'steps: [...]; steps/observation: [...]'."""
+    try:
+        steps = builder.info.features["steps"]
+        obs = steps["observation"] if "observation" in steps.keys() else {}
+        return (
+            f"steps has {sorted(steps.keys())}; steps/observation has {sorted(getattr(obs, 'keys', dict)())}"
+        )
+    except Exception:  # noqa: BLE001 (only for a message)
+        return "the stored keys could not be listed"
+
+
 def standardization_fingerprint(spec) -> str:
     """Changes when the standardization changes: its name, keys and the function's source code."""
     import hashlib
@@ -98,18 +165,57 @@ def dataset_fingerprint(builder) -> dict[str, Any]:
 
 
 def _standardized_steps(builder, split: str, *, shuffle_files: bool, seed: int, spec):
+    """Standardized episodes {observation, action, language_instruction, episode_id (scalar)}. A key the
+    standardization or the registry needs but the stored episodes lack, or an action width other than
+    the registry's action_dim, raises a DatasetError here (at trace time, before any data flows)."""
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from vla_train.data.standardize import make_standardizer
+    from vla_train.data.standardize import StandardizeError, make_standardizer
 
+    split_size(builder, split, spec.name)
     ds = builder.as_dataset(
         split=split,
         decoders={"steps": tfds.decode.SkipDecoding()},
         shuffle_files=shuffle_files,
-        read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False),
+        read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=True),
     )
     standardize = make_standardizer(spec)
-    return ds.map(lambda episode: standardize(episode["steps"]))
+
+    @tf.autograph.experimental.do_not_convert  # keeps our exceptions' types at trace time
+    def standardized(episode):
+        traj = dict(standardize(episode["steps"]))
+        traj["episode_id"] = episode["tfds_id"]
+        return traj
+
+    where = f"registry entry in {spec.source}" if spec.source else "registry entry"
+    try:
+        return ds.map(standardized)
+    except StandardizeError as e:
+        if "action_dim" in str(e):
+            shape = _stored_action_shape(builder)
+            raise DatasetError(
+                f"{e}: key 'action' has the wrong dimension in every episode (stored steps/action: {shape}); "
+                f"fix action_dim or standardize_fn in the {where}"
+            ) from None
+        raise DatasetError(f"{e}; fix the key names in the {where} or the standardize_fn") from None
+    except KeyError as e:  # a standardize_fn indexing a key the episodes lack
+        raise DatasetError(
+            f"dataset '{spec.name}': the stored episodes have no key {e} that standardize_fn "
+            f"'{spec.standardize_fn}' reads ({_features_keys(builder)}); fix the {where}"
+        ) from None
+    except TypeError as e:  # e.g. a standardize_fn for dict actions given a tensor: another layout
+        raise DatasetError(
+            f"dataset '{spec.name}': standardize_fn '{spec.standardize_fn}' does not fit the stored episodes "
+            f"({type(e).__name__}: {e}; {_features_keys(builder)}); fix the {where}"
+        ) from None
+
+
+def _stored_action_shape(builder) -> str:
+    try:
+        return str(builder.info.features["steps"]["action"])
+    except Exception:  # noqa: BLE001 (only for a message)
+        return "unknown"
 
 
 def read_episodes(builder, split: str, *, shuffle_files: bool, seed: int, dataset_name: str):
@@ -136,6 +242,7 @@ def read_episodes(builder, split: str, *, shuffle_files: bool, seed: int, datase
             "task": {"language_instruction": traj["language_instruction"]},
             "action": tf.cast(traj["action"], tf.float32),
             "dataset_name": tf.fill([T], dataset_name),
+            "episode_id": tf.fill([T], traj["episode_id"]),
         }
 
     ds = _standardized_steps(builder, split, shuffle_files=shuffle_files, seed=seed, spec=spec)
@@ -143,7 +250,8 @@ def read_episodes(builder, split: str, *, shuffle_files: bool, seed: int, datase
 
 
 def numeric_trajectories(builder, dataset_name: str):
-    """Standardized action/proprio (numpy) of every episode of every split; images are never decoded."""
+    """Standardized action/proprio (numpy) and episode_id (bytes) of every episode of every split; images
+    are never decoded."""
     from vla_train.data.standardize import proprio_from_state_keys
 
     spec = dataset_spec(dataset_name)
@@ -152,13 +260,50 @@ def numeric_trajectories(builder, dataset_name: str):
         lambda t: {
             "action": t["action"],
             "proprio": proprio_from_state_keys(t["observation"], spec.state_obs_keys),
+            "episode_id": t["episode_id"],
         }
     )
     yield from ds.as_numpy_iterator()
 
 
-def get_statistics(data_root_dir: str, dataset_name: str, cache_dir: str = "") -> dict[str, Any]:
-    """Statistics of one dataset, from the cache when the data and standardization are unchanged."""
+def _finite_trajectories(trajectories, dataset_name: str, on_bad_data: str, skipped: list[str]):
+    """Passes the episodes whose action and proprio are finite; an episode with NaN/inf raises a
+    DatasetError naming it (on_bad_data=raise) or is left out and its id appended to `skipped`."""
+    from vla_train.data.validate import SKIP_HINT, non_finite_key
+
+    for traj in trajectories:
+        key = non_finite_key(np.asarray(traj["action"]), np.asarray(traj["proprio"]))
+        if key is None:
+            yield traj
+            continue
+        episode = traj.get("episode_id", b"?")
+        episode = episode.decode() if isinstance(episode, bytes) else str(episode)
+        if on_bad_data != "skip":
+            raise DatasetError(
+                f"dataset '{dataset_name}': episode '{episode}' has NaN or inf values in '{key}' (found while "
+                f"computing statistics); fix the data, or {SKIP_HINT}"
+            )
+        skipped.append(episode)
+
+
+SKIPPED_KEY = "num_trajectories_skipped_non_finite"
+
+
+def get_statistics(
+    data_root_dir: str, dataset_name: str, cache_dir: str = "", on_bad_data: str = "raise"
+) -> dict[str, Any]:
+    """Statistics of one dataset, from the cache when the data and standardization are unchanged.
+
+    Episodes with NaN/inf action or proprio never reach the statistics: on_bad_data=raise raises a
+    DatasetError naming the dataset, the episode and the key; skip leaves them out, logs a warning and
+    records their number under `num_trajectories_skipped_non_finite` (present only when > 0). A cached
+    result that left episodes out is recomputed under raise, so that the error names the episode. A corrupt
+    TFRecord file raises a DatasetError naming the file (validate.diagnose_read_error).
+    """
+    import logging
+
+    import tensorflow as tf
+
     spec = dataset_spec(dataset_name)
     builder = open_builder(data_root_dir, dataset_name)
     key = cache_key(
@@ -167,26 +312,61 @@ def get_statistics(data_root_dir: str, dataset_name: str, cache_dir: str = "") -
     cache_dir = cache_dir or str(Path(data_root_dir) / "vla_train_stats")
     path = stats_cache_path(cache_dir, dataset_name, key)
     stats = load_cached(path)
+    if stats is not None and stats.get(SKIPPED_KEY) and on_bad_data != "skip":
+        stats = None
     if stats is None:
         mask = default_action_mask(spec.action_dim) if spec.has_gripper else [True] * spec.action_dim
+        skipped: list[str] = []
+        trajectories = _finite_trajectories(
+            numeric_trajectories(builder, dataset_name), dataset_name, on_bad_data, skipped
+        )
         try:
-            stats = statistics_from_trajectories(numeric_trajectories(builder, dataset_name), mask)
+            stats = statistics_from_trajectories(trajectories, mask)
+        except tf.errors.OpError as e:
+            from vla_train.data.validate import diagnose_read_error
+
+            error = diagnose_read_error(data_root_dir, dataset_name, e)
+            if error is None:
+                raise
+            raise error from None
+        except DatasetError:
+            raise
         except ValueError as e:
-            raise DatasetError(f"dataset '{dataset_name}': {e}") from None
+            what = f" ({len(skipped)} episodes with NaN/inf values were skipped)" if skipped else ""
+            raise DatasetError(f"dataset '{dataset_name}': {e}{what}") from None
+        if skipped:
+            stats[SKIPPED_KEY] = len(skipped)
+            logging.getLogger(__name__).warning(
+                "dataset '%s': %d episode(s) with NaN/inf action or proprio left out of the statistics "
+                "(on_bad_data=skip), e.g. %s",
+                dataset_name,
+                len(skipped),
+                skipped[:3],
+            )
         save_cached(path, stats)
     return stats
 
 
 def collect_instructions(builder, split: str, limit: int = 100_000) -> list[str]:
     """Unique language instructions of a split (text only), to train a local tokenizer."""
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     ds = builder.as_dataset(split=split, decoders={"steps": tfds.decode.SkipDecoding()}, shuffle_files=False)
     ds = ds.map(lambda ep: ep["steps"]["language_instruction"])
     seen: set[str] = set()
-    for arr in ds.as_numpy_iterator():
-        seen.update(s.decode() for s in np.unique(arr))
-        if len(seen) >= limit:
-            break
+    try:
+        for arr in ds.as_numpy_iterator():
+            seen.update(s.decode() for s in np.unique(arr))
+            if len(seen) >= limit:
+                break
+    except tf.errors.OpError as e:
+        from vla_train.data.validate import diagnose_read_error
+
+        directory = Path(builder.data_dir)  # <root>/<dataset>/<version>
+        error = diagnose_read_error(directory.parent.parent, directory.parent.name, e)
+        if error is None:
+            raise
+        raise error from None
     seen.discard("")
     return sorted(seen)

@@ -1,13 +1,18 @@
 """Trajectory transforms (OpenVLA / Octo semantics) on the trajectories of `rlds.read_episodes`:
 
     {observation: {image_primary: string[T], ..., proprio: float32[T, P]},
-     task: {language_instruction: string[T]}, action: float32[T, A], dataset_name: string[T]}
+     task: {language_instruction: string[T]}, action: float32[T, A], dataset_name: string[T],
+     episode_id: string[T]}
 
-Every function here is built from TensorFlow graph ops and can be used in `ds.filter` / `ds.map`.
+Every function (chunking, subsampling and goal relabeling keep every [T] key, episode_id included) here is built from TensorFlow graph ops and can be used in `ds.filter` / `ds.map`.
 
 - Filters (`EpisodeFilter`): drop episodes without a language instruction, and (when a bound is set)
   episodes with any |action| > max_action or |proprio| > max_proprio, as OpenVLA's `max_action` /
-  `max_proprio` filters do. The filter counts what it dropped, per reason, in tf.Variables.
+  `max_proprio` filters do. The filter counts what it dropped, per reason, in tf.Variables. Given
+  `on_bad_data`, it also checks that action and proprio are finite: `raise` fails the pipeline with an
+  error naming the dataset, the episode (`episode_id`) and the key, `skip` drops and counts the episode
+  (reason `non_finite`). Given `episodes_per_pass`, a pass in which every episode was dropped fails with
+  the drop counts instead of ending (or, repeated, spinning) silently.
 - `chunk_actions`: `future_action_window_size` F turns each frame's action into [F + 1, A] (the action
   of this step and of the next F steps) and adds `action_pad_mask` [T, F + 1] (False past the end).
   Padding follows OpenVLA's `chunk_act_obs`: indices past the end are clamped to the last step, then
@@ -34,7 +39,8 @@ from collections.abc import Sequence
 
 from vla_train.data import tf_setup  # noqa: F401
 
-DROP_REASONS = ("no_instruction", "max_action", "max_proprio")
+DROP_REASONS = ("non_finite", "no_instruction", "max_action", "max_proprio")
+ON_BAD_DATA = ("raise", "skip")
 
 
 def _tf():
@@ -44,9 +50,10 @@ def _tf():
 
 
 def has_instruction(traj) -> object:
-    """True when the episode's (first) language instruction is non-empty."""
+    """True when the episode's (first) language instruction is non-empty (False for an empty episode)."""
     tf = _tf()
-    return tf.strings.length(traj["task"]["language_instruction"][0]) > 0
+    first = tf.strings.reduce_join(traj["task"]["language_instruction"][:1])
+    return tf.strings.length(first) > 0
 
 
 def within_bound(x, bound: float) -> object:
@@ -57,39 +64,114 @@ def within_bound(x, bound: float) -> object:
     return tf.reduce_all(tf.abs(x) <= bound)
 
 
+def all_finite(x) -> object:
+    """True when x holds no NaN or inf (an empty tensor is finite)."""
+    tf = _tf()
+    return tf.reduce_all(tf.math.is_finite(tf.cast(x, tf.float32)))
+
+
 class EpisodeFilter:
     """`ds.filter(EpisodeFilter(...))`: keeps episodes with an instruction and within the bounds, and
     counts the dropped ones per reason (the first failing reason, in DROP_REASONS order).
 
+    on_bad_data: None (default) does not look for NaN/inf; "raise" fails the pipeline on an episode with
+    NaN/inf action or proprio (a tf.errors.InvalidArgumentError whose message names the dataset, the
+    episode and the key; `validate.diagnose_read_error` turns it into a DatasetError); "skip" drops it and
+    counts it under `non_finite`. episodes_per_pass > 0: the number of episodes one pass over the input
+    holds; when that many have been seen and none kept, the pipeline fails with the drop counts (a training
+    stream repeats its episodes, so it would otherwise read nothing from the dataset). `configure` sets
+    these after construction (before the filter is used in a pipeline).
+
     The counts live in tf.Variables updated by the filter as the pipeline runs; read them with
-    `counts()`. With a repeated dataset they keep growing (one count per pass).
+    `counts()` (the reasons this filter checks). With a repeated dataset they keep growing (one count per
+    pass).
     """
 
     def __init__(
-        self, *, require_instruction: bool = True, max_action: float = 0.0, max_proprio: float = 0.0
+        self,
+        *,
+        require_instruction: bool = True,
+        max_action: float = 0.0,
+        max_proprio: float = 0.0,
+        on_bad_data: str | None = None,
+        episodes_per_pass: int = 0,
+        split: str = "",
     ):
         tf = _tf()
         self.require_instruction = require_instruction
         self.max_action = float(max_action or 0.0)
         self.max_proprio = float(max_proprio or 0.0)
         self._counters = {r: tf.Variable(0, dtype=tf.int64, trainable=False) for r in DROP_REASONS}
+        self._seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._kept = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.configure(on_bad_data=on_bad_data, episodes_per_pass=episodes_per_pass, split=split)
+
+    def configure(
+        self, *, on_bad_data: str | None = None, episodes_per_pass: int = 0, split: str = ""
+    ) -> None:
+        """Turn on the NaN/inf check (on_bad_data) and the every-episode-dropped check (episodes_per_pass,
+        with the split's name for the message)."""
+        if on_bad_data is not None and on_bad_data not in ON_BAD_DATA:
+            raise ValueError(f"on_bad_data must be one of {ON_BAD_DATA} or None, got {on_bad_data!r}")
+        self.on_bad_data = on_bad_data
+        self.episodes_per_pass = int(episodes_per_pass or 0)
+        self.split = split
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """The drop reasons this filter checks (non_finite only with on_bad_data)."""
+        return tuple(r for r in DROP_REASONS if r != "non_finite" or self.on_bad_data is not None)
 
     def __call__(self, traj):
         tf = _tf()
-        checks = [
-            has_instruction(traj) if self.require_instruction else tf.constant(True),
-            within_bound(traj["action"], self.max_action),
-            within_bound(traj["observation"]["proprio"], self.max_proprio),
-        ]
-        failed_before = tf.constant(False)
-        for reason, ok in zip(DROP_REASONS, checks, strict=True):
-            first_failure = tf.logical_and(tf.logical_not(ok), tf.logical_not(failed_before))
-            self._counters[reason].assign_add(tf.cast(first_failure, tf.int64))
-            failed_before = tf.logical_or(failed_before, tf.logical_not(ok))
-        return tf.logical_not(failed_before)
+        from vla_train.data.validate import SKIP_HINT, bad_data_message, first_string
+
+        dataset = first_string(traj.get("dataset_name"))
+        episode = first_string(traj.get("episode_id"))
+        action_ok = all_finite(traj["action"])
+        finite = tf.logical_and(action_ok, all_finite(traj["observation"]["proprio"]))
+        asserts = []
+        if self.on_bad_data == "raise":
+            key = tf.where(action_ok, tf.constant("observation/proprio"), tf.constant("action"))
+            message = bad_data_message(
+                "dataset '", dataset, "': episode '", episode, "' has NaN or inf values in '", key,
+                f"'; fix the data, or {SKIP_HINT}",
+            )  # fmt: skip
+            asserts.append(tf.debugging.Assert(finite, [message]))
+        checks = {
+            "non_finite": finite,
+            "no_instruction": has_instruction(traj) if self.require_instruction else tf.constant(True),
+            "max_action": within_bound(traj["action"], self.max_action),
+            "max_proprio": within_bound(traj["observation"]["proprio"], self.max_proprio),
+        }
+        with tf.control_dependencies(asserts):
+            failed_before = tf.constant(False)
+            counts = {}
+            for reason in self.reasons:
+                ok = checks[reason]
+                first_failure = tf.logical_and(tf.logical_not(ok), tf.logical_not(failed_before))
+                counts[reason] = self._counters[reason].assign_add(tf.cast(first_failure, tf.int64))
+                failed_before = tf.logical_or(failed_before, tf.logical_not(ok))
+            keep = tf.logical_not(failed_before)
+            seen = self._seen.assign_add(1)
+            kept = self._kept.assign_add(tf.cast(keep, tf.int64))
+        if self.episodes_per_pass > 0:
+            nothing_kept = tf.logical_and(seen >= self.episodes_per_pass, tf.equal(kept, 0))
+            detail = ", ".join(f"{r}=" + "{}" for r in self.reasons)
+            split = f" of split '{self.split}'" if self.split else ""
+            message = bad_data_message(
+                "dataset '", dataset, f"': the filters dropped all {self.episodes_per_pass} episodes{split} (",
+                tf.strings.format(detail, [counts[r] for r in self.reasons]),
+                "), so it would give no frames; check the data, data.max_action / data.max_proprio and "
+                "data.on_bad_data",
+            )  # fmt: skip
+            asserts = [tf.debugging.Assert(tf.logical_not(nothing_kept), [message])]
+            with tf.control_dependencies(asserts):
+                keep = tf.identity(keep)
+        return keep
 
     def counts(self) -> dict[str, int]:
-        return {r: int(v.numpy()) for r, v in self._counters.items()}
+        return {r: int(self._counters[r].numpy()) for r in self.reasons}
 
 
 def chunk_actions(
@@ -187,6 +269,8 @@ def apply_trajectory_transforms(
 __all__ = [
     "DROP_REASONS",
     "EpisodeFilter",
+    "ON_BAD_DATA",
+    "all_finite",
     "apply_trajectory_transforms",
     "chunk_actions",
     "has_instruction",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,29 @@ class VLAPolicy:
         return self.model.predict_action_tokens(prompts, pixels)
 
     def predict_action_batch(
-        self, images_BHWC, instructions: list[str], unnorm_key: str | None = None
+        self, images_BHWC, instructions: list[str], unnorm_key: str | Sequence[str] | None = None
     ) -> np.ndarray:
-        """[B, H, W, 3] uint8 images + B instructions -> [B, action_dim] actions in physical units."""
-        stats = self._stats_for(unnorm_key)
+        """[B, H, W, 3] uint8 images + B instructions -> [B, action_dim] actions in physical units.
+
+        unnorm_key: the dataset whose statistics unnormalize the actions (needed when the model has
+        several, e.g. after training on a mixture), or one key per frame.
+        """
+        if unnorm_key is None or isinstance(unnorm_key, str):
+            keys = [unnorm_key] * len(instructions)
+        else:
+            keys = list(unnorm_key)
+        if len(keys) != len(instructions):
+            raise ValueError(
+                f"{len(keys)} unnorm_keys for {len(instructions)} instructions; pass one per frame"
+            )
+        stats = {key: self._stats_for(key) for key in dict.fromkeys(keys)}  # fails before any forward
         tokens = self.predict_tokens(images_BHWC, instructions).cpu().numpy()
         normalized = self.processor.action_tokenizer.decode(tokens)
-        return unnormalize(normalized, stats["action"], stats.get("normalization", "bounds_q99"))
+        out = np.empty(normalized.shape, np.float32)
+        for key, s in stats.items():
+            rows = np.asarray([k == key for k in keys])
+            out[rows] = unnormalize(normalized[rows], s["action"], s.get("normalization", "bounds_q99"))
+        return out
 
     def predict_action(self, image_HWC, instruction: str, unnorm_key: str | None = None) -> np.ndarray:
         return self.predict_action_batch(np.asarray(image_HWC)[None], [instruction], unnorm_key)[0]

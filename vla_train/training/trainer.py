@@ -23,11 +23,14 @@ import torch
 
 from vla_train.config import TrainConfig, TrainingConfig, to_yaml
 from vla_train.data.loader import FrameStream, StreamSpec
-from vla_train.data.rlds import collect_instructions, get_statistics, open_builder, split_for
+from vla_train.data.mixture import mixture_statistics, resolve_mixture
+from vla_train.data.normalize import unnormalize
+from vla_train.data.rlds import collect_instructions, open_builder, split_for
 from vla_train.data.synthetic import build_synthetic_dataset
 from vla_train.models.load import build_from_config, load_model_dir, save_model_dir
 from vla_train.models.peft import apply_lora, set_finetune_mode
 from vla_train.models.prompting import IGNORE_INDEX
+from vla_train.models.vla import VLAOutput
 from vla_train.training.checkpoint import (
     Restored,
     latest_checkpoint,
@@ -70,21 +73,126 @@ def stream_spec(
     num_shards: int = 1,
     shard_index: int = 0,
 ) -> StreamSpec:
+    """The frame stream of a run's training (train=True) or validation (train=False) data: every dataset
+    of `data.mixture` (or `data.dataset_name` alone) with the config's trajectory transforms."""
+    d = cfg.data
     return StreamSpec(
-        data_root_dir=cfg.data.data_root_dir,
-        dataset_name=cfg.data.dataset_name,
+        data_root_dir=d.data_root_dir,
+        dataset_name=d.dataset_name,
         image_size=image_size,
         batch_size=batch_size or cfg.training.batch_size,
         seed=cfg.training.seed if seed is None else seed,
         train=train,
-        normalization=cfg.data.normalization,
-        shuffle_buffer_size=cfg.data.shuffle_buffer_size,
-        image_augmentation=cfg.data.image_augmentation and train,
-        ablation=cfg.data.ablation,
-        num_parallel_calls=cfg.data.num_parallel_calls,
+        normalization=d.normalization,
+        shuffle_buffer_size=d.shuffle_buffer_size,
+        image_augmentation=d.image_augmentation and train,
+        ablation=d.ablation,
+        num_parallel_calls=d.num_parallel_calls,
         num_shards=num_shards,
         shard_index=shard_index,
+        datasets=d.datasets() if d.mixture else [],
+        balance_weights=d.balance_weights,
+        stats_cache_dir=d.stats_cache_dir,
+        future_action_window_size=d.future_action_window_size,
+        window_size=d.window_size,
+        max_action=d.max_action,
+        max_proprio=d.max_proprio,
+        subsample_length=d.subsample_length if train else 0,
+        goal_relabeling=d.goal_relabeling,
+        cameras=list(d.cameras),
+        ram_budget_gb=d.ram_budget_gb,
+        on_bad_data=d.on_bad_data,
     )
+
+
+def dataset_names(cfg: TrainConfig) -> list[str]:
+    """The datasets a run reads: those of data.mixture, or data.dataset_name alone."""
+    return [name for name, _ in cfg.data.datasets()]
+
+
+def run_statistics(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """{dataset_name: statistics} of every dataset of the run (each computed once and cached under
+    data.stats_cache_dir), plus the normalization mode: OpenVLA's `norm_stats` layout, which FrameStream
+    also accepts as per-dataset statistics."""
+    stats = mixture_statistics(
+        cfg.data.data_root_dir, dataset_names(cfg), cfg.data.stats_cache_dir, cfg.data.on_bad_data
+    )
+    return {name: {**s, "normalization": cfg.data.normalization} for name, s in stats.items()}
+
+
+def run_instructions(cfg: TrainConfig) -> list[str]:
+    """The distinct instructions of the training splits of every dataset of the run (for the tokenizer)."""
+    instructions: set[str] = set()
+    for name in dataset_names(cfg):
+        builder = open_builder(cfg.data.data_root_dir, name)
+        instructions.update(collect_instructions(builder, split_for(builder, train=True)))
+    out = sorted(instructions)
+    if cfg.data.ablation == "fixed_instruction":
+        from vla_train.data.loader import FIXED_INSTRUCTION
+
+        out.append(FIXED_INSTRUCTION)
+    return out
+
+
+def mask_padded_chunk_labels(labels_BL: torch.Tensor, action_pad_mask: np.ndarray, action_dim: int) -> None:
+    """Action chunking: set the labels of chunk steps past the episode end to IGNORE_INDEX (in place).
+
+    Each row's supervised labels are its (F + 1) x action_dim action tokens, step by step, then EOS
+    (processor.collate tokenizes the whole [F + 1, A] chunk); `action_pad_mask` [B, F + 1] is False for
+    the steps past the end, whose tokens stay in the input but are not learned (EOS still is).
+    """
+    pad = np.asarray(action_pad_mask, bool)
+    steps = pad.shape[1]
+    for b in range(labels_BL.shape[0]):
+        positions = (labels_BL[b] != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+        if len(positions) != steps * action_dim + 1:
+            raise ValueError(
+                f"row {b} has {len(positions)} supervised labels, expected {steps} x {action_dim} action "
+                "tokens + EOS"
+            )
+        past_end = positions[:-1].view(steps, action_dim)[torch.as_tensor(~pad[b])]
+        labels_BL[b, past_end.reshape(-1)] = IGNORE_INDEX
+
+
+def model_inputs(processor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Model inputs of a batch: its normalized actions ([B, A], or [B, F + 1, A] chunks) as action tokens;
+    chunk steps past the episode end are excluded from the loss."""
+    inputs = processor.collate(batch["image"], batch["instruction"], batch["action"])
+    if "action_pad_mask" in batch:
+        mask_padded_chunk_labels(inputs["labels_BL"], batch["action_pad_mask"], batch["action"].shape[-1])
+    return inputs
+
+
+def current_action(batch: dict[str, Any], key: str = "action") -> np.ndarray:
+    """[B, A]: each frame's own action (the first step of a chunk), what predict_action outputs."""
+    action = np.asarray(batch[key])
+    return action[:, 0] if "action_pad_mask" in batch else action
+
+
+def physical_l1_sums(
+    out: VLAOutput, action_tokenizer, statistics: dict[str, Any], dataset_names: list[str]
+) -> dict[str, float]:
+    """{"l1_phys_sum"}: absolute error of the teacher-forced action tokens in physical units, each frame
+    unnormalized with its own dataset's statistics (metrics.finalize reports val/action_l1_physical)."""
+    if not len(out.labels_N):
+        return {}
+    rows = out.sample_index_N.cpu().numpy()
+    names = np.asarray(dataset_names, dtype=object)[rows]
+    pred = out.logits_NV.detach().argmax(-1).cpu().numpy()
+    labels = out.labels_N.cpu().numpy()
+    is_action = np.asarray(action_tokenizer.is_action_token(labels), bool)
+    total = 0.0
+    for name in sorted(set(names.tolist())):
+        stats = statistics[name]
+        sel = is_action & (names == name)
+        A = len(stats["action"]["q01"])
+        if sel.sum() % A:
+            return {}  # not whole actions: no physical error
+        mode = stats.get("normalization", "bounds_q99")
+        p = unnormalize(action_tokenizer.decode(pred[sel]).reshape(-1, A), stats["action"], mode)
+        t = unnormalize(action_tokenizer.decode(labels[sel]).reshape(-1, A), stats["action"], mode)
+        total += float(np.abs(p - t).sum())
+    return {"l1_phys_sum": total}
 
 
 @dataclass
@@ -183,7 +291,10 @@ def validate(
     ctx: DistContext,
     batch_size: int,
 ) -> dict:
-    """One ordered pass over the first `num_val_frames` frames of the validation split. Call on every rank.
+    """One ordered pass over the first `num_val_frames` frames of the validation split (of every dataset
+    of a mixture, interleaved at the mixture's weights). Call on every rank.
+
+    statistics: {dataset_name: statistics} (run_statistics); physical errors use each frame's own.
 
     Every rank reads the same ordered frames and evaluates every world_size-th batch; ranks without a
     batch in the last round evaluate a discarded one, so that all ranks run the same number of forwards
@@ -202,18 +313,19 @@ def validate(
     sums: dict[str, Any] = {}
 
     def evaluate(batch: dict[str, Any], keep: bool) -> None:
-        inputs = processor.collate(batch["image"], batch["instruction"], batch["action"])
+        inputs = model_inputs(processor, batch)
         pixels = processor.pixel_values(batch["image"], train=False).to(ctx.device)
         with autocast(ctx):
             out = vla(**{k: v.to(ctx.device) for k, v in inputs.items()})
             generated = vla.predict_action_tokens(processor.inference_prompts(batch["instruction"]), pixels)
         if keep:
+            names = batch["dataset_name"]
+            accumulate(sums, action_metrics(out, processor.action_tokenizer, None, names))
+            accumulate(sums, physical_l1_sums(out, processor.action_tokenizer, statistics, names))
+            # greedy decoding yields one action per frame: compared with the frame's own (a chunk's first)
             accumulate(
                 sums,
-                action_metrics(out, processor.action_tokenizer, statistics["action"], batch["dataset_name"]),
-            )
-            accumulate(
-                sums, generated_metrics(generated.cpu().numpy(), batch["action"], processor.action_tokenizer)
+                generated_metrics(generated.cpu().numpy(), current_action(batch), processor.action_tokenizer),
             )
             sums["frames"] = sums.get("frames", 0) + len(batch["instruction"])
 
@@ -268,14 +380,16 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
     seed_everything(t.seed)
 
     # ---- data: rank 0 builds the synthetic set and the statistics cache, the others read them ---------
+    # Statistics are per dataset ({dataset_name: stats + normalization}, OpenVLA's norm_stats), one entry
+    # for each dataset of a mixture: every frame is normalized (and unnormalized) with its own dataset's.
     if ctx.is_main:
         if cfg.data.build_synthetic:
             build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic)
-        statistics = get_statistics(cfg.data.data_root_dir, cfg.data.dataset_name, cfg.data.stats_cache_dir)
+        norm_stats = run_statistics(cfg)
     barrier(ctx)
     if not ctx.is_main:
-        statistics = get_statistics(cfg.data.data_root_dir, cfg.data.dataset_name, cfg.data.stats_cache_dir)
-    norm_stats = {cfg.data.dataset_name: {**statistics, "normalization": cfg.data.normalization}}
+        norm_stats = run_statistics(cfg)
+    statistics = norm_stats
     if ctx.is_main:
         (run_dir / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
 
@@ -283,13 +397,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
     # rank then loads the same directory, so all ranks (and a resumed run) start from identical weights.
     base_dir = Path(cfg.model.pretrained_dir) if cfg.model.pretrained_dir else run_dir / BASE_MODEL_DIR
     if ctx.is_main and not cfg.model.pretrained_dir and not (base_dir / "config.json").is_file():
-        builder = open_builder(cfg.data.data_root_dir, cfg.data.dataset_name)
-        instructions = collect_instructions(builder, split_for(builder, train=True))
-        if cfg.data.ablation == "fixed_instruction":
-            from vla_train.data.loader import FIXED_INSTRUCTION
-
-            instructions = instructions + [FIXED_INSTRUCTION]
-        built, built_processor = build_from_config(cfg.model, instructions, seed=t.seed)
+        built, built_processor = build_from_config(cfg.model, run_instructions(cfg), seed=t.seed)
         save_model_dir(base_dir, built, built_processor, norm_stats)
         del built, built_processor
     barrier(ctx)
@@ -365,6 +473,16 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
         f"{ctx.strategy} on {ctx.world_size} process(es), {ctx.precision}, device {ctx.device}; global batch "
         f"{t.batch_size} = {ctx.world_size} x {t.grad_accum_steps} x {plan.micro_batch}"
     )
+    if cfg.data.mixture:
+        weights = resolve_mixture(
+            cfg.data.datasets(),
+            cfg.data.balance_weights,
+            {name: s["num_transitions"] for name, s in statistics.items()},
+        )
+        say(
+            f"data: mixture '{cfg.data.mixture}' of {len(weights)} datasets, sampling weights "
+            + ", ".join(f"{name} {w:.3f}" for name, w in weights)
+        )
     logger = (
         MetricsLogger(run_dir, cfg.logging, draccus.encode(cfg), t.max_steps, step)
         if ctx.is_main
@@ -379,7 +497,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
         batches = iter(stream) if step < t.max_steps else iter(())
         while step < t.max_steps:
             micro = [_rows(next(batches), plan.rows) for _ in range(t.grad_accum_steps)]
-            inputs = [processor.collate(b["image"], b["instruction"], b["action"]) for b in micro]
+            inputs = [model_inputs(processor, b) for b in micro]
             n_tok = [int((x["labels_BL"][:, 1:] != IGNORE_INDEX).sum()) for x in inputs]
             # One collective per step: the step's supervised tokens over all ranks, and whether any rank
             # was asked to stop.
@@ -411,6 +529,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
             logger.progress(1, loss=out.loss.item())
             if step % cfg.logging.log_every == 0 or step == t.max_steps:
                 total = sum_over_ranks(sums, ctx)
+                # what the data pipeline dropped so far (all ranks), by reason: nothing is dropped silently
+                drops = sum_over_ranks({k: float(v) for k, v in stream.drop_counts().items()}, ctx)
                 elapsed = time.perf_counter() - window_start
                 logger.log(
                     step,
@@ -421,6 +541,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
                         "train/step_time_s": elapsed / window_steps,
                         "train/samples_per_s": total["frames"] / elapsed,
                         "train/tokens_per_s": total["tokens"] / elapsed,
+                        **{f"data/dropped_{reason}": int(n) for reason, n in drops.items()},
                     },
                 )
                 sums, window_start, window_steps = {}, time.perf_counter(), 0

@@ -1,0 +1,101 @@
+"""image_ops' numba kernels against the TensorFlow ops they stand for (OpenVLA's resize and
+augmentation), on textured images of the sizes datasets store."""
+
+import math
+
+import numpy as np
+import pytest
+
+from vla_train.data import (
+    image_ops,
+    tf_setup,  # noqa: F401
+)
+from vla_train.data.augment import augment_params
+
+tf = pytest.importorskip("tensorflow")
+
+
+def textured(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (12, 12, 3)).astype(np.float32)
+    img = tf.image.resize(base[None], [h, w], method="bicubic")[0].numpy() + rng.normal(0, 10, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def tf_resize(img: np.ndarray, size: int) -> np.ndarray:
+    out = tf.image.resize(img, [size, size], method="lanczos3", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8).numpy()
+
+
+def tf_augment(img224: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """OpenVLA's augmentation as TF ops, with the given parameters instead of random ones."""
+    x = tf.image.convert_image_dtype(img224, tf.float32)
+    side = math.sqrt(image_ops.CROP_AREA)
+    box = tf.constant([[p[0], p[1], p[0] + side, p[1] + side]], tf.float32)
+    size = img224.shape[0]
+    x = tf.clip_by_value(tf.image.crop_and_resize(x[None], box, [0], [size, size])[0], 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_brightness(x, p[2]), 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_contrast(x, p[3]), 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_saturation(x, p[4]), 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_hue(x, p[5]), 0, 1)
+    return tf.image.convert_image_dtype(x, tf.uint8, saturate=True).numpy()
+
+
+SHAPES = [(256, 256), (256, 320), (180, 240), (64, 64), (300, 200)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_resize_matches_tf_lanczos3_antialias(shape):
+    img = textured(*shape, seed=sum(shape))
+    ours = image_ops.resize_uint8(img, 224).astype(int)
+    ref = tf_resize(img, 224).astype(int)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1  # float rounding at .5 boundaries only
+    assert (diff > 0).mean() < 1e-3
+
+
+def test_resize_same_size_is_identity():
+    img = textured(224, 224, seed=1)
+    assert np.array_equal(image_ops.resize_uint8(img, 224), img)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_augmentation_matches_tf_ops(shape):
+    """The crop is composed with the resize into one resampling (no uint8 rounding in between), so a
+    pixel may be one level off; the colour ops are TF's formulas."""
+    img = textured(*shape, seed=7 + sum(shape))
+    for i in range(4):
+        p = augment_params(3, np.array([i]))[0]
+        ours = image_ops.resize_augment_uint8(img, 224, p).astype(int)
+        ref = tf_augment(tf_resize(img, 224), p).astype(int)
+        diff = np.abs(ours - ref)
+        assert diff.mean() < 0.35, (shape, p, diff.mean())
+        assert (diff > 1).mean() < 2e-3, (shape, p)
+        assert diff.max() <= 8, (shape, p)
+
+
+def test_augmentation_parameters_cover_openvla_ranges():
+    params = augment_params(0, np.arange(400))
+    side = math.sqrt(0.9)
+    lo = [0, 0, -0.2, 0.8, 0.8, -0.05]
+    hi = [1 - side, 1 - side, 0.2, 1.2, 1.2, 0.05]
+    assert np.all(params >= np.array(lo) - 1e-6) and np.all(params <= np.array(hi) + 1e-6)
+    # spread over the range, not stuck: each parameter reaches both ends' quarters
+    span = np.array(hi) - np.array(lo)
+    assert np.all(params.min(0) < np.array(lo) + 0.25 * span)
+    assert np.all(params.max(0) > np.array(hi) - 0.25 * span)
+    # seeded: the same (seed, frame) gives the same parameters, another seed others
+    assert np.array_equal(augment_params(0, np.array([5]))[0], params[5])
+    assert not np.allclose(augment_params(1, np.arange(400)), params)
+    # uncorrelated across parameters and frames
+    corr = np.corrcoef(params.T)
+    assert np.abs(corr - np.eye(6)).max() < 0.2
+
+
+def test_identity_parameters_leave_colours_unchanged():
+    """Neutral jitter (0 brightness, contrast/saturation 1, hue 0) and a zero-offset crop give the
+    plain resize back, up to the crop's resampling of 0.95 of the image."""
+    img = np.full((256, 256, 3), (40, 120, 200), np.uint8)
+    p = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 0.0], np.float32)
+    out = image_ops.resize_augment_uint8(img, 224, p).astype(int)
+    assert np.abs(out - np.array([40, 120, 200])).max() <= 1

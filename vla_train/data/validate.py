@@ -1,0 +1,192 @@
+"""Bad input: turning what goes wrong inside a tf.data pipeline into errors that name the dataset, the
+episode and the key (or the file), and what to do about it.
+
+Two kinds of failure surface only while a pipeline runs, as TensorFlow errors:
+
+- bad values found by the pipeline's own checks (NaN/inf actions or proprio in `transforms.EpisodeFilter`,
+  a corrupt JPEG in the loader's frame map, every episode dropped by the filters). With
+  `on_bad_data=raise` those checks fail a `tf.debugging.Assert` whose message is built by
+  `bad_data_message` (inside the graph); `diagnose_read_error` recognizes the message and returns it as a
+  `DatasetError`. With `on_bad_data=skip` the episode or frame is dropped and counted instead.
+- a corrupt TFRecord file: TensorFlow raises `tf.errors.DataLossError` ("corrupted record at 7045") without
+  naming the file. `diagnose_read_error` re-reads every TFRecord file of the datasets involved (reading a
+  record checks its CRCs) and names the corrupt file(s).
+
+Use (around any iteration of a tf.data pipeline over these datasets):
+
+    try:
+        for batch in ds.as_numpy_iterator():
+            ...
+    except tf.errors.OpError as e:
+        error = diagnose_read_error(data_root_dir, dataset_names, e)
+        if error is None:
+            raise
+        raise error from e
+
+Structural problems (missing directory, unknown name, missing key, wrong action dimension, empty split)
+are found before any data flows and raise `DatasetError` directly (rlds.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vla_train.data.rlds import DatasetError
+
+# Marks a message built by `bad_data_message`, so that diagnose_read_error can find it inside the text of a
+# TensorFlow error (which adds its own prefix, node names and escapes quotes).
+_OPEN = "<<vla_train: "
+_CLOSE = " :vla_train>>"
+_TAGGED = re.compile(re.escape(_OPEN) + r"(.*?)" + re.escape(_CLOSE), re.DOTALL)
+
+SKIP_HINT = "set data.on_bad_data=skip to drop and count such episodes"
+
+
+def bad_data_message(*parts):
+    """A scalar tf.string for `tf.debugging.Assert(ok, [bad_data_message(...)])`: the parts (Python
+    strings or scalar tf.string tensors) joined and tagged so `diagnose_read_error` can extract them."""
+    import tensorflow as tf
+
+    return tf.strings.join(
+        [_OPEN, *[tf.cast(p, tf.string) if not isinstance(p, str) else p for p in parts], _CLOSE]
+    )
+
+
+def first_string(x, default: str = "?"):
+    """The first element of a [T] string tensor as a scalar (`default` for an empty or absent one)."""
+    import tensorflow as tf
+
+    if x is None:
+        return tf.constant(default)
+    return tf.strings.reduce_join(tf.concat([x[:1], tf.constant([default])], 0)[:1])
+
+
+_ASSERTION = re.compile(r"assertion failed: ((?:\[(?!\[\{\{node)[^\]]*\]\s*)+)")
+
+
+def tagged_message(text: str) -> str | None:
+    """The message of a failed `bad_data_message` assertion inside a TensorFlow error text, or None.
+
+    Also accepts any failed `tf.debugging.Assert` whose data mention a dataset (a check of this package
+    that did not use bad_data_message): its data items, joined by spaces."""
+    m = _TAGGED.search(text)
+    if m is not None:
+        found = m.group(1)
+    else:
+        m = _ASSERTION.search(text)
+        if m is None or "dataset" not in m.group(1):
+            return None
+        found = " ".join(item.strip() for item in re.findall(r"\[([^\]]*)\]", m.group(1)))
+    return found.replace("\\'", "'").replace('\\"', '"')
+
+
+def non_finite_key(action: np.ndarray, proprio: np.ndarray) -> str | None:
+    """'action' or 'observation/proprio' when that array holds NaN or inf (action first), else None."""
+    if not np.isfinite(action).all():
+        return "action"
+    if proprio.size and not np.isfinite(proprio).all():
+        return "observation/proprio"
+    return None
+
+
+def tfrecord_files(data_root_dir: str | Path, dataset_name: str) -> list[Path]:
+    """The TFRecord files of a dataset's newest version directory."""
+    from vla_train.data.rlds import version_dir
+
+    return sorted(p for p in version_dir(data_root_dir, dataset_name).iterdir() if ".tfrecord" in p.name)
+
+
+def scan_tfrecords(files: Iterable[Path], stop_at_first: bool = True) -> list[tuple[Path, str]]:
+    """(file, TensorFlow's complaint) for each file whose records cannot all be read (bad CRC, truncated)."""
+    import tensorflow as tf
+
+    bad = []
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(str(path), buffer_size=1 << 20):
+                pass
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as e:
+            bad.append((path, _short(e.message)))
+            if stop_at_first:
+                break
+    return bad
+
+
+def _short(message: str) -> str:
+    """TensorFlow's own words without its node / op decorations."""
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
+    message = re.sub(r"\s*\[\[\{\{node [^]]*\]\]", "", message)
+    message = re.sub(r"\s*\[Op:[^]]*\].*$", "", message, flags=re.DOTALL)
+    return message.strip()
+
+
+def _is_read_error(exc: BaseException) -> bool:
+    import tensorflow as tf
+
+    if isinstance(exc, tf.errors.DataLossError):
+        return True
+    text = getattr(exc, "message", str(exc))
+    return isinstance(exc, tf.errors.OpError) and any(
+        s in text
+        for s in (
+            "corrupted record",
+            "truncated record",
+            "Could not parse example",
+            "Is this even a TFRecord",
+        )
+    )
+
+
+def diagnose_read_error(
+    data_root_dir: str | Path, dataset_names: str | Sequence[str], exc: BaseException
+) -> DatasetError | None:
+    """A DatasetError explaining a TensorFlow error raised while iterating a pipeline over `dataset_names`
+    (one name or a mixture's names), or None when the error is not about the data (re-raise it then).
+
+    - a failed bad-data assertion (NaN/inf values, corrupt JPEG, every episode dropped): its message, which
+      names the dataset, the episode and the key;
+    - a DataLossError (or a record that does not parse): the TFRecord files of the datasets are re-read
+      (this reads every record, so it takes as long as a pass over the files) and the corrupt file is named.
+    """
+    if isinstance(exc, DatasetError):
+        return exc
+    text = getattr(exc, "message", None) or str(exc)
+    tagged = tagged_message(text)
+    if tagged is not None:
+        return DatasetError(tagged)
+    if not _is_read_error(exc):
+        return None
+    names = [dataset_names] if isinstance(dataset_names, str) else list(dict.fromkeys(dataset_names))
+    for name in names:
+        try:
+            files = tfrecord_files(data_root_dir, name)
+        except DatasetError:
+            continue
+        bad = scan_tfrecords(files)
+        if bad:
+            path, why = bad[0]
+            return DatasetError(
+                f"dataset '{name}': file {path} is corrupt ({why}); re-download the dataset or rebuild it "
+                f"(delete {path.parent} and run its tfds builder again)"
+            )
+    listed = ", ".join(f"'{n}'" for n in names)
+    return DatasetError(
+        f"dataset {listed}: reading failed ({_short(text)}), but every TFRecord file passes a CRC scan now; "
+        "a record may hold bytes that do not parse as the dataset's features: rebuild the dataset"
+    )
+
+
+__all__ = [
+    "SKIP_HINT",
+    "bad_data_message",
+    "diagnose_read_error",
+    "first_string",
+    "non_finite_key",
+    "scan_tfrecords",
+    "tagged_message",
+    "tfrecord_files",
+]
