@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from markdown_table import add_table_row
+
 from vla_train.config import SyntheticDataConfig
 
 
@@ -43,6 +45,59 @@ def decode_only_fps(root: Path, name: str, seconds: float, batch: int) -> float:
     ds = ds.map(lambda b: tf.io.decode_jpeg(b, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch).prefetch(2)
     return _rate(ds.as_numpy_iterator(), seconds, batch)
+
+
+def frame_transform_ms(root: Path, name: str, frames: int = 200) -> tuple[float, float]:
+    """CPU milliseconds per frame (all threads): vla_train's resize + augmentation kernel (image_ops) and
+    the same transform as TensorFlow ops (tf.image.resize lanczos3 + crop_and_resize + the four colour
+    ops), on decoded frames of the benchmark dataset."""
+    import math
+
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from vla_train.data import image_ops
+    from vla_train.data.augment import augment_params
+    from vla_train.data.rlds import open_builder
+
+    ds = open_builder(root, name).as_dataset("train", decoders={"steps": tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ep: ep["steps"]["observation"]["image"]).unbatch().take(frames)
+    images = [tf.io.decode_jpeg(b, channels=3).numpy() for b in ds.as_numpy_iterator()]
+    params = augment_params(0, np.arange(len(images)))
+    out = np.empty((224, 224, 3), np.uint8)
+    image_ops._into(images[0], out, params[0])  # compiled / loaded from numba's cache
+    start = cpu_seconds()
+    for img, p in zip(images, params, strict=True):
+        image_ops._into(img, out, p)
+    kernel = (cpu_seconds() - start) / len(images) * 1000
+
+    side = math.sqrt(0.9)
+
+    @tf.function
+    def tf_transform(img, p):
+        x = tf.image.resize(img, [224, 224], method="lanczos3", antialias=True)
+        x = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+        x = tf.image.convert_image_dtype(x, tf.float32)
+        box = tf.stack([p[0], p[1], p[0] + side, p[1] + side])[None]
+        x = tf.clip_by_value(tf.image.crop_and_resize(x[None], box, [0], [224, 224])[0], 0, 1)
+        x = tf.clip_by_value(tf.image.adjust_brightness(x, p[2]), 0, 1)
+        x = tf.clip_by_value(tf.image.adjust_contrast(x, p[3]), 0, 1)
+        x = tf.clip_by_value(tf.image.adjust_saturation(x, p[4]), 0, 1)
+        x = tf.clip_by_value(tf.image.adjust_hue(x, p[5]), 0, 1)
+        return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)
+
+    tf_images = [tf.constant(i) for i in images]
+    tf_transform(tf_images[0], params[0])
+    start = cpu_seconds()
+    for img, p in zip(tf_images, params, strict=True):
+        tf_transform(img, p)
+    return kernel, (cpu_seconds() - start) / len(images) * 1000
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _rate(iterator, seconds: float, batch: int, on_batch=None) -> float:
@@ -87,6 +142,12 @@ def main() -> None:
         f"dataset ready ({args.episodes * 50} train frames) in {time.perf_counter() - t0:.1f} s", flush=True
     )
     stats = get_statistics(str(big), DATASET_NAME)
+
+    kernel_ms, tf_ms = frame_transform_ms(big, DATASET_NAME)
+    print(
+        f"frame transform, CPU per frame: vla_train kernel {kernel_ms:.3f} ms, TF ops {tf_ms:.3f} ms",
+        flush=True,
+    )
 
     decode = decode_only_fps(big, DATASET_NAME, args.decode_seconds, args.batch)
     print(f"decode-only: {decode:.1f} frames/s ({decode / cores:.1f} per core)", flush=True)
@@ -153,6 +214,8 @@ def main() -> None:
         "rss_mb_last_minute": round(statistics.mean(last), 1),
         "rss_mb_peak": round(max(r for _, r in samples), 1),
         "mixture_first_batch_s": round(first_batch, 2),
+        "frame_transform_ms_kernel": round(kernel_ms, 3),
+        "frame_transform_ms_tf_ops": round(tf_ms, 3),
         "stream_seconds": args.seconds,
         "cores": cores,
     }
@@ -160,12 +223,13 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(
-                f"| {time.strftime('%Y-%m-%d')} | {cores} cores | {result['decode_only_fps_per_core']} | "
-                f"{result['pipeline_fps_per_core']} | {result['ratio']} | {result['rss_mb_first_minute']} | "
-                f"{result['rss_mb_last_minute']} | {result['mixture_first_batch_s']} | {args.seconds:.0f} s |\n"
-            )
+        row = (
+            f"| {time.strftime('%Y-%m-%d')} | {cores} cores | {result['decode_only_fps_per_core']} | "
+            f"{result['pipeline_fps_per_core']} | {result['ratio']} | {result['rss_mb_first_minute']} | "
+            f"{result['rss_mb_last_minute']} | {result['mixture_first_batch_s']} | {args.seconds:.0f} s | "
+            f"{result['frame_transform_ms_kernel']} / {result['frame_transform_ms_tf_ops']} |"
+        )
+        add_table_row(Path(args.markdown), "| date | machine | decode-only fps/core", row)
 
 
 if __name__ == "__main__":

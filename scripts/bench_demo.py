@@ -1,5 +1,5 @@
 """Time `make demo`'s two commands (train on configs/demo.yaml, then export + predict) from a clean run
-directory and report wall time and final validation accuracy; `--markdown` appends a row to BENCHMARKS.md.
+directory and report wall time and final validation accuracy; `--markdown` adds a row to BENCHMARKS.md's table.
 
     .venv/bin/python scripts/bench_demo.py --markdown BENCHMARKS.md
 """
@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from markdown_table import add_table_row
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,10 +67,9 @@ def main() -> None:
             f"{result['total_s']} s (train {result['train_s']} s incl. data{' build' if args.fresh_data else ''}, "
             f"export {result['export_s']} s) | {result['steps']} | {result['train_samples_per_s']} | "
             f"{result['val_action_token_accuracy']} | {result['val_generated_action_token_accuracy']} | "
-            f"{result['val_action_l1']} |\n"
+            f"{result['val_action_l1']} |"
         )
-        with open(args.markdown, "a") as f:
-            f.write(row)
+        add_table_row(Path(args.markdown), "| date | machine | wall time", row)
 
 
 if __name__ == "__main__":

@@ -245,7 +245,9 @@ def _dataset_frames(
 
         ds = ds.enumerate().map(transform, num_parallel_calls=threads, deterministic=True)
     if frame_check is not None:
-        ds = ds.map(frame_check, num_parallel_calls=threads, deterministic=True)
+        # plain TF code: skipping autograph's conversion makes tracing (per dataset of a mixture) faster
+        check = tf.autograph.experimental.do_not_convert(frame_check)
+        ds = ds.map(check, num_parallel_calls=threads, deterministic=True)
     return ds.unbatch()  # frames (much cheaper than flat_map(from_tensor_slices))
 
 
@@ -344,7 +346,9 @@ def build_tf_dataset(
             out["goal_image/raw"], out["goal_image/shape"] = decode_frame(f["task"]["image_primary"], False)
         return out
 
-    ds = ds.map(frame, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.map(
+        tf.autograph.experimental.do_not_convert(frame), num_parallel_calls=parallel, deterministic=True
+    )
     # frames of datasets stored at different sizes share a batch zero-padded (their sizes are kept)
     ds = ds.padded_batch(spec.batch_size, drop_remainder=spec.train)
     options = tf.data.Options()
@@ -382,7 +386,14 @@ def _uniform_frames(streams, names: list[str], cameras: list[str]):
             out_obs["proprio"] = tf.pad(p, [*[[0, 0]] * (len(p.shape) - 1), [0, proprio - p.shape[-1]]])
         return {**f, "observation": out_obs}
 
-    return [s.map(uniform) for s in streams]
+    def needs_map(stream) -> bool:
+        obs = stream.element_spec["observation"]
+        images = sorted(k for k in obs if k.startswith("image_"))
+        width = obs["proprio"].shape[-1]
+        return images != sorted(f"image_{r}" for r in cameras) or (proprio is not None and width < proprio)
+
+    convert = tf.autograph.experimental.do_not_convert(uniform)
+    return [s.map(convert) if needs_map(s) else s for s in streams]
 
 
 def normalize_batch(
