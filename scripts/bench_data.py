@@ -51,14 +51,12 @@ def frame_transform_ms(root: Path, name: str, frames: int = 200) -> tuple[float,
     """CPU milliseconds per frame (all threads): vla_train's resize + augmentation kernel (image_ops) and
     the same transform as TensorFlow ops (tf.image.resize lanczos3 + crop_and_resize + the four colour
     ops), on decoded frames of the benchmark dataset."""
-    import math
-
     import numpy as np
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     from vla_train.data import image_ops
-    from vla_train.data.augment import augment_params
+    from vla_train.data.augment import augment_params, tf_reference
     from vla_train.data.rlds import open_builder
 
     ds = open_builder(root, name).as_dataset("train", decoders={"steps": tfds.decode.SkipDecoding()})
@@ -72,20 +70,7 @@ def frame_transform_ms(root: Path, name: str, frames: int = 200) -> tuple[float,
         image_ops._into(img, out, p)
     kernel = (cpu_seconds() - start) / len(images) * 1000
 
-    side = math.sqrt(0.9)
-
-    @tf.function
-    def tf_transform(img, p):
-        x = tf.image.resize(img, [224, 224], method="lanczos3", antialias=True)
-        x = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
-        x = tf.image.convert_image_dtype(x, tf.float32)
-        box = tf.stack([p[0], p[1], p[0] + side, p[1] + side])[None]
-        x = tf.clip_by_value(tf.image.crop_and_resize(x[None], box, [0], [224, 224])[0], 0, 1)
-        x = tf.clip_by_value(tf.image.adjust_brightness(x, p[2]), 0, 1)
-        x = tf.clip_by_value(tf.image.adjust_contrast(x, p[3]), 0, 1)
-        x = tf.clip_by_value(tf.image.adjust_saturation(x, p[4]), 0, 1)
-        x = tf.clip_by_value(tf.image.adjust_hue(x, p[5]), 0, 1)
-        return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)
+    tf_transform = tf.function(lambda img, p: tf_reference(img, 224, p))
 
     tf_images = [tf.constant(i) for i in images]
     tf_transform(tf_images[0], params[0])

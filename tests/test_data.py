@@ -140,6 +140,7 @@ def test_own_dataset_needs_only_a_registry_yaml(small_synthetic, tmp_path):
     import shutil
 
     from vla_train.config import DataConfig
+    from vla_train.data.registry import reset_default_registry
 
     root, _ = small_synthetic
     shutil.copytree(root / DATASET_NAME, tmp_path / "my_robot")
@@ -158,5 +159,8 @@ def test_own_dataset_needs_only_a_registry_yaml(small_synthetic, tmp_path):
     cfg = DataConfig(data_root_dir=str(tmp_path), dataset_name="my_robot", registry_files=[str(registry)])
     assert cfg.validate() == []
     stats = rlds.get_statistics(str(tmp_path), "my_robot", str(tmp_path / "stats"))
-    batch = next(iter(FrameStream(spec(tmp_path, dataset_name="my_robot"), stats)))
-    assert batch["dataset_name"][0] == "my_robot" and batch["image"].shape == (8, 16, 16, 3)
+    try:
+        batch = next(iter(FrameStream(spec(tmp_path, dataset_name="my_robot"), stats)))
+        assert batch["dataset_name"][0] == "my_robot" and batch["image"].shape == (8, 16, 16, 3)
+    finally:
+        reset_default_registry()  # validate() registered my_registry.yaml process-wide

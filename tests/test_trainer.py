@@ -183,13 +183,13 @@ def test_per_dataset_metrics_add_up():
     logits = torch.randn(9, 1100, generator=g)
     loss = torch.nn.functional.cross_entropy(logits, labels)
     out = VLAOutput(loss, logits, labels, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
-    sums = action_metrics(out, tok, None, ["a", "b", "a"])
+    sums = action_metrics(out, tok, ["a", "b", "a"])
     m = finalize(sums, "train")
     assert sums["n_tok"] == 9 and sums["n"] == 6
     assert sums["ds/a/n"] + sums["ds/b/n"] == sums["n"]
     assert math.isclose(sums["ds/a/loss_sum"] + sums["ds/b/loss_sum"], sums["loss_sum"], rel_tol=1e-5)
     assert {"train/a/loss", "train/b/action_token_accuracy", "train/a/action_l1"} <= set(m)
-    single = finalize(action_metrics(out, tok, None, ["a", "a", "a"]), "train")
+    single = finalize(action_metrics(out, tok, ["a", "a", "a"]), "train")
     assert not any(k.startswith("train/a/") for k in single)  # one dataset: no per-dataset keys
 
 
@@ -201,12 +201,12 @@ def test_resume_data_position_on_another_world_size():
     t = TrainingConfig(batch_size=8, seed=7)
     one = DistContext(0, 1, 0, torch.device("cpu"), "single", "fp32", None, False)
     saved = {"stream": {"num_batches_yielded": 10}, "seed": 7, "sharding": "episodes", "stream_batch": 4}
-    seed, skip, note = resume_data_position(Restored(10, 2, {}, saved), data_plan(t, one), t, one)
+    seed, skip, note = resume_data_position(Restored(10, 2, saved), data_plan(t, one), t, one)
     assert (seed, skip) == (17, 0)
     assert "restarted from the beginning of a reshuffled stream" in note and "2 -> 1" in note
     t = TrainingConfig(batch_size=8, seed=7, data_sharding="batch_slice")
     saved = {"stream": {"num_batches_yielded": 10}, "seed": 7, "sharding": "batch_slice", "stream_batch": 8}
-    seed, skip, note = resume_data_position(Restored(10, 2, {}, saved), data_plan(t, one), t, one)
+    seed, skip, note = resume_data_position(Restored(10, 2, saved), data_plan(t, one), t, one)
     assert (seed, skip) == (7, 10) and "kept" in note
 
 

@@ -210,9 +210,10 @@ class DataConfig:
         """(dataset, weight) pairs to read: the mixture's, or [(dataset_name, 1.0)] (for StreamSpec.datasets)."""
         if not self.mixture:
             return [(self.dataset_name, 1.0)]
-        from vla_train.data.registry import load_registry
+        from vla_train.data.registry import add_registry_files
 
-        return load_registry(self.registry_files).mixture(self.mixture)
+        # the process-wide registry with registry_files (read once; registering again is a no-op)
+        return add_registry_files(self.registry_files).mixture(self.mixture)
 
     def mixture_datasets(self) -> list[str]:
         try:
@@ -515,13 +516,7 @@ class TrainingConfig:
             errs.append(_problem(f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}"))
         if self.grad_accum_steps < 1:
             errs.append(_problem(f"{prefix}.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}"))
-        elif self.batch_size >= 1 and self.batch_size % self.grad_accum_steps:
-            errs.append(
-                _problem(
-                    f"{prefix}.batch_size",
-                    f"{self.batch_size} is not divisible by training.grad_accum_steps {self.grad_accum_steps}",
-                )
-            )
+        # batch_size must split into ranks x grad_accum_steps: launch_problems checks it, with the world size
         if not self.learning_rate > 0:
             errs.append(_problem(f"{prefix}.learning_rate", f"must be > 0, got {self.learning_rate}"))
         if self.weight_decay < 0:

@@ -24,6 +24,7 @@ from vla_train.models.load import load_model_dir, save_model_dir
 from vla_train.models.peft import apply_lora, load_adapter_state_dict
 from vla_train.models.policy import VLAPolicy
 from vla_train.training.checkpoint import latest_checkpoint, load_checkpoint
+from vla_train.training.logging import read_metrics
 from vla_train.training.trainer import BASE_MODEL_DIR
 
 
@@ -50,8 +51,7 @@ def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: 
     from vla_train.data.loader import FrameStream
     from vla_train.training.trainer import current_action, stream_spec
 
-    spec = stream_spec(train_cfg, image_size, train=False)
-    spec.batch_size = n * stride
+    spec = stream_spec(train_cfg, image_size, train=False, batch_size=n * stride)
     batch = next(iter(FrameStream(spec, norm_stats)))
     pick = slice(0, None, stride) if len(batch["instruction"]) >= n * stride else slice(0, n)
     return {
@@ -62,15 +62,25 @@ def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: 
     }
 
 
-def load_trained(run_dir: Path, train_cfg: TrainConfig):
-    """(model, processor) of a run's newest checkpoint on CPU, in one process: for LoRA the unmerged
-    peft model (base + adapters, unquantized base), otherwise the VLA with its trained weights."""
-    ckpt = latest_checkpoint(run_dir)
+def run_base_dir(run_dir: Path, train_cfg: TrainConfig) -> Path:
+    """The base model a run trained from: model.pretrained_dir, or the run's own base_model/."""
+    return Path(train_cfg.model.pretrained_dir or run_dir / BASE_MODEL_DIR)
+
+
+def load_trained(
+    run_dir: Path, train_cfg: TrainConfig, ckpt: Path | None = None, norm_stats: dict | None = None
+):
+    """(model, processor) of a run's checkpoint (default: the newest) on CPU, in one process: for LoRA
+    the unmerged peft model (base + adapters, unquantized base), otherwise the VLA with its trained
+    weights; the model config carries the run's norm_stats (read from dataset_statistics.json when not
+    given)."""
+    ckpt = ckpt or latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no committed checkpoint; train first (vla-train)")
-    base_dir = Path(train_cfg.model.pretrained_dir or run_dir / BASE_MODEL_DIR)
-    model, processor = load_model_dir(base_dir, device="cpu")
-    model.config.norm_stats = json.loads((run_dir / "dataset_statistics.json").read_text())
+    model, processor = load_model_dir(run_base_dir(run_dir, train_cfg), device="cpu")
+    if norm_stats is None:
+        norm_stats = json.loads((run_dir / "dataset_statistics.json").read_text())
+    model.config.norm_stats = norm_stats
     if train_cfg.data.image_augmentation:
         processor.settings.center_crop_area = 0.9
     saved = load_checkpoint(ckpt)
@@ -89,12 +99,11 @@ def export_run(cfg: ExportConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     train_cfg = load_run_config(run_dir)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "export"
+    ckpt = latest_checkpoint(run_dir)
     norm_stats = json.loads((run_dir / "dataset_statistics.json").read_text())
-    base_dir = Path(train_cfg.model.pretrained_dir or run_dir / BASE_MODEL_DIR)
 
     with torch.device("cpu"):
-        trained, processor = load_trained(run_dir, train_cfg)
-        ckpt = latest_checkpoint(run_dir)
+        trained, processor = load_trained(run_dir, train_cfg, ckpt, norm_stats)
         frames = sample_frames(
             train_cfg, norm_stats, processor.settings.image_size, max(cfg.predict_samples, 8)
         )
@@ -116,7 +125,7 @@ def export_run(cfg: ExportConfig) -> Path:
         raise RuntimeError(f"the exported directory {out_dir} does not reproduce the merged model's tokens")
     report = {
         "checkpoint": str(ckpt),
-        "base_model": str(base_dir),
+        "base_model": str(run_base_dir(run_dir, train_cfg)),
         "merged_equals_unmerged": unmerged is not None,
         "reloaded_equals_merged": True,
         "num_check_frames": len(merged),
@@ -137,8 +146,7 @@ def export_run(cfg: ExportConfig) -> Path:
             print(f"instruction: {frames['instruction'][i]}{dataset}")
             print(f"  predicted action: {preds[i]}")
             print(f"  true action:      {np.asarray(frames['action'][i])}")
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        val = [m for m in metrics if "val/action_token_accuracy" in m]
+        val = [m for m in read_metrics(run_dir) if "val/action_token_accuracy" in m]
         if val:
             print(
                 f"final val/action_token_accuracy: {val[-1]['val/action_token_accuracy']:.3f} (step {val[-1]['step']})"

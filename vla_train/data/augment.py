@@ -43,3 +43,24 @@ def augment_params(seed: int, frame_index: np.ndarray) -> np.ndarray:
         bits = _splitmix64(key) >> np.uint64(11)  # 53 random bits
     unit = bits.astype(np.float64) / float(1 << 53)
     return (LOW + unit * (HIGH - LOW)).astype(np.float32)
+
+
+def tf_reference(image, size: int, params=None):
+    """OpenVLA's resize (lanczos3, antialiased, rounded to uint8) and, with `params` (as augment_params
+    gives them), its augmentation, as the TensorFlow ops it is defined by: the reference image_ops is
+    tested against (tests/test_image_ops.py) and benchmarked against (scripts/bench_data.py)."""
+    import tensorflow as tf
+
+    x = tf.image.resize(image, [size, size], method="lanczos3", antialias=True)
+    x = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+    if params is None:
+        return x
+    p = tf.cast(params, tf.float32)
+    x = tf.image.convert_image_dtype(x, tf.float32)
+    box = tf.stack([p[0], p[1], p[0] + _SIDE, p[1] + _SIDE])[None]
+    x = tf.clip_by_value(tf.image.crop_and_resize(x[None], box, [0], [size, size])[0], 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_brightness(x, p[2]), 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_contrast(x, p[3]), 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_saturation(x, p[4]), 0, 1)
+    x = tf.clip_by_value(tf.image.adjust_hue(x, p[5]), 0, 1)
+    return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)

@@ -50,7 +50,6 @@ class StreamSpec:
     # registry.get_mixture(name). balance_weights multiplies each weight by the dataset's num_transitions.
     datasets: list[tuple[str, float]] = field(default_factory=list)
     balance_weights: bool = False
-    stats_cache_dir: str = ""  # where balance_weights finds statistics (empty = the rlds default)
     # Trajectory transforms (transforms.py); the defaults leave frames as they were.
     future_action_window_size: int = 0  # > 0: action [F + 1, A] per frame, plus action_pad_mask
     window_size: int = 1  # > 1: proprio history [W, P], plus proprio_pad_mask
@@ -104,7 +103,7 @@ class FrameCheck:
     def __init__(self, cameras: list[str], on_bad_data: str):
         import tensorflow as tf
 
-        self.cameras = cameras
+        self.cameras = cameras  # every trajectory has image_<role> for each (rlds.read_episodes)
         self.on_bad_data = on_bad_data
         self._dropped = tf.Variable(0, dtype=tf.int64, trainable=False)
 
@@ -113,13 +112,15 @@ class FrameCheck:
 
         n = tf.shape(traj["action"])[0]
         ok = tf.ones([n], tf.bool)
-        keys = [f"observation/image_{r}" for r in self.cameras if f"image_{r}" in traj["observation"]]
+        keys = [f"observation/image_{r}" for r in self.cameras]
         if "image_primary" in traj.get("task", {}):
             keys.append("task/image_primary")
         checks = []
         for key in keys:
             group, name = key.split("/")
-            good = _jpeg_markers_ok(traj[group][name])
+            data = traj[group][name]
+            # an empty string is a camera the dataset does not have (a black frame), not a corrupt one
+            good = tf.logical_or(tf.equal(tf.strings.length(data), 0), _jpeg_markers_ok(data))
             if self.on_bad_data == "raise":
                 checks.append(
                     tf.debugging.Assert(
@@ -162,20 +163,17 @@ def memory_plan(spec: StreamSpec, bytes_per_frame: float) -> dict[str, int]:
     }
 
 
-def bytes_per_frame(data_root_dir: str, names: list[str], num_transitions: dict[str, int] | None) -> float:
-    """The largest average stored size of one frame (all its fields) over the datasets read, from each
-    dataset's dataset_info.json (bytes and episodes per split; no builder is opened)."""
+def bytes_per_frame(data_root_dir: str, num_transitions: dict[str, int]) -> float:
+    """The largest average stored size of one frame (all its fields) over the datasets read: the bytes
+    of every split in each dataset's dataset_info.json (no builder is opened) over its transitions."""
     import json
 
     from vla_train.data.rlds import version_dir
 
     worst = 0.0
-    for name in names:
+    for name, steps in num_transitions.items():
         info = json.loads((version_dir(data_root_dir, name) / "dataset_info.json").read_text())
         total = sum(int(split.get("numBytes", 0)) for split in info.get("splits", []))
-        episodes = sum(int(n) for split in info.get("splits", []) for n in split.get("shardLengths", []))
-        # episodes x a typical length when the count of steps is unknown
-        steps = (num_transitions or {}).get(name) or max(1, episodes * 100)
         worst = max(worst, total / max(steps, 1))
     return worst
 
@@ -202,7 +200,14 @@ def _dataset_frames(
     builder = open_builder(spec.data_root_dir, dataset_name)
     split = split_for(builder, spec.train)
     # read_episodes raises a DatasetError for an empty split, a missing key or a wrong action width
-    ds = read_episodes(builder, split, shuffle_files=spec.train, seed=spec.seed, dataset_name=dataset_name)
+    ds = read_episodes(
+        builder,
+        split,
+        shuffle_files=spec.train,
+        seed=spec.seed,
+        dataset_name=dataset_name,
+        cameras=tuple(spec.cameras),
+    )
     episodes = split_size(builder, split, dataset_name)
     if spec.num_shards > 1:
         ds = ds.shard(spec.num_shards, spec.shard_index)
@@ -251,12 +256,7 @@ def _dataset_frames(
     return ds.unbatch()  # frames (much cheaper than flat_map(from_tensor_slices))
 
 
-def build_tf_dataset(
-    spec: StreamSpec,
-    num_transitions: dict[str, int] | None = None,
-    filters=None,
-    skip_batches: int = 0,
-):
+def build_tf_dataset(spec: StreamSpec, num_transitions: dict[str, int], filters=None, skip_batches: int = 0):
     """tf.data.Dataset of batches {image/raw [B,H,W,3] uint8 decoded frames (zero-padded to the batch's
     largest) and image/shape [B,2] (the primary camera; image_<role>/raw, /shape and image_<role>_mask for
     the other spec.cameras), frame_index [B] (train with augmentation: the frames' positions in the
@@ -264,8 +264,8 @@ def build_tf_dataset(
     [B,A] (or [B,F+1,A] with action_pad_mask), proprio, dataset_name, episode_id (, goal_image/raw)}.
     FrameStream resizes (and augments) the images and normalizes the actions.
 
-    num_transitions: {dataset: count} for balance_weights and the memory plan (read from the statistics
-    cache when absent and needed). filters: an optional list that receives each dataset's
+    num_transitions: {dataset: count} of every dataset read (its statistics' num_transitions), for
+    balance_weights and the memory plan. filters: an optional list that receives each dataset's
     transforms.EpisodeFilter and the FrameCheck (their `counts()` are the drops). skip_batches: start
     after this many batches (resume).
     """
@@ -275,13 +275,6 @@ def build_tf_dataset(
 
     parallel = spec.num_parallel_calls or tf.data.AUTOTUNE
     mixture = spec.mixture()
-    if spec.balance_weights and len(mixture) > 1 and num_transitions is None:
-        from vla_train.data.rlds import get_statistics
-
-        num_transitions = {
-            d: get_statistics(spec.data_root_dir, d, spec.stats_cache_dir)["num_transitions"]
-            for d, _ in mixture
-        }
     weighted = resolve_mixture(mixture, spec.balance_weights and len(mixture) > 1, num_transitions)
     if spec.num_parallel_calls:
         threads = allocate_threads(max(spec.num_parallel_calls, len(weighted)), [w for _, w in weighted])
@@ -294,20 +287,19 @@ def build_tf_dataset(
         if filters is not None:
             filters += [episode_filter, check]
         streams.append(_dataset_frames(spec, name, i, n, episode_filter, check))
-    streams = _uniform_frames(streams, [n for n, _ in weighted], spec.cameras)
+    streams = _uniform_frames(streams, [n for n, _ in weighted])
     if len(streams) == 1:
         ds = streams[0]
     else:
         ds = tf.data.Dataset.sample_from_datasets(
             streams, weights=[w for _, w in weighted], seed=spec.seed, stop_on_empty_dataset=False
         )
-    plan = memory_plan(spec, bytes_per_frame(spec.data_root_dir, [n for n, _ in weighted], num_transitions))
+    plan = memory_plan(spec, bytes_per_frame(spec.data_root_dir, num_transitions))
     if spec.train:
         log.info(
             "data: shuffle buffer %d frames, prefetch %d batches (ram_budget_gb %s)",
             plan["shuffle_buffer_size"], plan["prefetch"], spec.ram_budget_gb or "no cap",
         )  # fmt: skip
-    if spec.train:
         ds = ds.shuffle(plan["shuffle_buffer_size"], seed=spec.seed, reshuffle_each_iteration=True)
     ds = ds.enumerate()
     if skip_batches:
@@ -358,10 +350,10 @@ def build_tf_dataset(
     return ds.with_options(options).prefetch(plan["prefetch"])
 
 
-def _uniform_frames(streams, names: list[str], cameras: list[str]):
-    """Give every dataset's frames the same structure so a mixture can interleave and batch them: the
-    requested cameras only (an empty string where a dataset has none), proprio zero-padded to the widest
-    dataset's. Datasets whose actions differ in width cannot share a batch: that raises."""
+def _uniform_frames(streams, names: list[str]):
+    """Give every dataset's frames the same structure so a mixture can interleave and batch them (the
+    cameras already agree, rlds.read_episodes): proprio zero-padded to the widest dataset's. Datasets
+    whose actions differ in width cannot share a batch: that raises."""
     import tensorflow as tf
 
     from vla_train.data.rlds import DatasetError
@@ -372,28 +364,18 @@ def _uniform_frames(streams, names: list[str], cameras: list[str]):
             f"the mixture's datasets have different action widths {widths}; a batch needs one width "
             "(standardize them to the same action encoding, e.g. 7-dim EEF_POS)"
         )
-    proprio_widths = {s.element_spec["observation"]["proprio"].shape[-1] for s in streams}
-    # pad only when the widths are known and differ (unknown static widths are left as they are)
-    proprio = max(proprio_widths) if None not in proprio_widths and len(proprio_widths) > 1 else None
+    proprio_widths = [s.element_spec["observation"]["proprio"].shape[-1] for s in streams]
+    if None in proprio_widths or len(set(proprio_widths)) == 1:
+        return streams  # nothing to pad (unknown static widths are left as they are)
+    widest = max(proprio_widths)
 
-    def uniform(f):
-        obs = dict(f["observation"])
-        out_obs = {k: v for k, v in obs.items() if not k.startswith("image_")}
-        for role in cameras:
-            out_obs[f"image_{role}"] = obs.get(f"image_{role}", tf.constant(b""))
-        p = obs["proprio"]
-        if proprio is not None and p.shape[-1] < proprio:
-            out_obs["proprio"] = tf.pad(p, [*[[0, 0]] * (len(p.shape) - 1), [0, proprio - p.shape[-1]]])
-        return {**f, "observation": out_obs}
+    def pad_proprio(f):
+        p = f["observation"]["proprio"]
+        pad = [*[[0, 0]] * (len(p.shape) - 1), [0, widest - p.shape[-1]]]
+        return {**f, "observation": {**f["observation"], "proprio": tf.pad(p, pad)}}
 
-    def needs_map(stream) -> bool:
-        obs = stream.element_spec["observation"]
-        images = sorted(k for k in obs if k.startswith("image_"))
-        width = obs["proprio"].shape[-1]
-        return images != sorted(f"image_{r}" for r in cameras) or (proprio is not None and width < proprio)
-
-    convert = tf.autograph.experimental.do_not_convert(uniform)
-    return [s.map(convert) if needs_map(s) else s for s in streams]
+    convert = tf.autograph.experimental.do_not_convert(pad_proprio)
+    return [s if w == widest else s.map(convert) for s, w in zip(streams, proprio_widths, strict=True)]
 
 
 def normalize_batch(
@@ -477,7 +459,7 @@ class FrameStream:
         ds = build_tf_dataset(self.spec, counts, self.filters, skip_batches=self._skip)
         self.num_batches_yielded = self._skip
         # A producer thread pulls decoded batches from tf.data and finishes them (resize + augmentation
-        # on a GIL-free thread pool, normalization), `prefetch` batches ahead of the consumer.
+        # on a GIL-free thread pool, normalization), up to two batches ahead of the consumer.
         ready: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(ds, ready, stop), daemon=True)
@@ -567,7 +549,7 @@ class FrameStream:
         """What the pipeline has dropped so far, by reason, summed over datasets (episodes without an
         instruction, beyond max_action/max_proprio, with NaN/inf values; frames with a corrupt JPEG)."""
         total: dict[str, int] = {}
-        for f in getattr(self, "filters", []):
+        for f in self.filters:
             for reason, n in f.counts().items():
                 total[reason] = total.get(reason, 0) + n
         return total

@@ -389,6 +389,8 @@ def add_registry_files(paths: Sequence[str | Path]) -> Registry:
     error). Adding the same file again is a no-op."""
     global _default
     new = [Path(p).resolve() for p in paths if Path(p).resolve() not in _user_files]
+    if not new:
+        return default_registry()
     registry = load_registry([*_user_files, *new])
     _user_files.extend(new)
     _default = registry

@@ -83,19 +83,6 @@ def dataset_spec(dataset_name: str):
         ) from None
 
 
-def mixture_spec(mixture_name: str) -> list[tuple[str, float]]:
-    """The (dataset, weight) pairs of a registered mixture (or of a dataset alone), or a DatasetError."""
-    from vla_train.data.registry import UnknownNameError, get_mixture
-
-    try:
-        return get_mixture(mixture_name)
-    except UnknownNameError as e:
-        raise DatasetError(
-            f"{e}. Define it under 'mixtures:' in a YAML file (see datasets_registry/mixtures.yaml) and pass "
-            "it with data.registry_files"
-        ) from None
-
-
 def split_size(builder, split: str, dataset_name: str) -> int:
     """Number of episodes in `split` (a tfds split or slice such as 'train[:95%]'); a missing or empty
     split raises a DatasetError naming the dataset and the split."""
@@ -218,8 +205,18 @@ def _stored_action_shape(builder) -> str:
         return "unknown"
 
 
-def read_episodes(builder, split: str, *, shuffle_files: bool, seed: int, dataset_name: str):
-    """tf.data of standardized, restructured trajectories (images left encoded)."""
+def read_episodes(
+    builder,
+    split: str,
+    *,
+    shuffle_files: bool,
+    seed: int,
+    dataset_name: str,
+    cameras: tuple[str, ...] = ("primary",),
+):
+    """tf.data of standardized, restructured trajectories (images left encoded): image_<role> for each
+    of `cameras`, empty strings for a camera the dataset does not have (so that every dataset of a
+    mixture gives frames of the same structure)."""
     import tensorflow as tf
 
     from vla_train.data.standardize import proprio_from_state_keys
@@ -233,9 +230,10 @@ def read_episodes(builder, split: str, *, shuffle_files: bool, seed: int, datase
     def restructure(traj):
         T = tf.shape(traj["action"])[0]
         obs = traj["observation"]
-        observation = {
-            f"image_{role}": obs[key] for role, key in spec.image_obs_keys.items() if key is not None
-        }
+        observation = {}
+        for role in cameras:
+            key = spec.image_obs_keys.get(role)
+            observation[f"image_{role}"] = obs[key] if key is not None else tf.fill([T], "")
         observation["proprio"] = proprio_from_state_keys(obs, spec.state_obs_keys)
         return {
             "observation": observation,

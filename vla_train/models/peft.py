@@ -16,6 +16,13 @@ from vla_train.config import LoraConfig
 UNUSED_PARAMETERS = ("mask_token",)
 
 
+def freeze_unused(model: nn.Module) -> None:
+    """Freeze the parameters the forward never reads (UNUSED_PARAMETERS)."""
+    for name, p in model.named_parameters():
+        if name.rpartition(".")[2] in UNUSED_PARAMETERS:
+            p.requires_grad_(False)
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(
         name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")
@@ -122,9 +129,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
         modules_to_save=list(cfg.modules_to_save) or None,
     )
     peft_model = peft.get_peft_model(model, peft_cfg)
-    for name, p in peft_model.named_parameters():
-        if name.rpartition(".")[2] in UNUSED_PARAMETERS:
-            p.requires_grad_(False)
+    freeze_unused(peft_model)
     return peft_model
 
 
@@ -154,37 +159,18 @@ def set_finetune_mode(vla: nn.Module, mode: str) -> None:
             m.requires_grad_(True)
     else:
         raise ValueError(f"unknown finetune mode '{mode}'")
-    for name, p in vla.named_parameters():
-        if name.rpartition(".")[2] in UNUSED_PARAMETERS:
-            p.requires_grad_(False)
-
-
-def adapter_state_dict(peft_model) -> dict:
-    import peft
-
-    return peft.get_peft_model_state_dict(peft_model)
+    freeze_unused(vla)
 
 
 def load_adapter_state_dict(peft_model, state: dict) -> None:
-    """Load adapters (and modules_to_save) into a peft model.
-
-    Accepts peft's own format (`base_model.model.<name>.lora_A.weight`, as `adapter_state_dict` gives) and
-    the trainer's checkpoint format: parameter names of the VLA inside the peft model
-    (`<name>.lora_A.default.weight`), as torch.distributed.checkpoint stores them.
-    """
-    import peft
-
-    if state and not all(k.startswith("base_model.model.") for k in state):
-        inner = peft_model.get_base_model()
-        result = inner.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"adapter checkpoint has keys the model does not: {result.unexpected_keys[:8]}")
-        trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
-        missing = sorted(trainable - set(state))
-        if missing:
-            raise ValueError(f"adapter checkpoint lacks trainable weights of the model: {missing[:8]}")
-        return
-    result = peft.set_peft_model_state_dict(peft_model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter checkpoint has keys the model does not: {unexpected[:8]}")
+    """Load adapters (and modules_to_save) into a peft model from the trainer's checkpoint format:
+    parameter names of the VLA inside the peft model (`<name>.lora_A.default.weight`), as
+    torch.distributed.checkpoint stores them."""
+    inner = peft_model.get_base_model()
+    result = inner.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"adapter checkpoint has keys the model does not: {result.unexpected_keys[:8]}")
+    trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state))
+    if missing:
+        raise ValueError(f"adapter checkpoint lacks trainable weights of the model: {missing[:8]}")

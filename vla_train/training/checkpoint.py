@@ -186,11 +186,17 @@ def save_checkpoint(
     return final
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 @dataclass
 class Restored:
     step: int
     saved_world_size: int
-    state: dict[str, Any]  # state.json
     data_state: dict[str, Any] | None  # this rank's saved data position (None: no file for this rank)
     notes: list[str] = field(default_factory=list)  # what a resume on another world size did
 
@@ -234,17 +240,14 @@ def restore_checkpoint(
     if saved_world == ctx.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     else:
-        seed = int(state["step"]) * 1000 + ctx.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+        seed_everything(int(state["step"]) * 1000 + ctx.rank)
         notes.append(
             f"RNG states re-seeded per rank from the step since the world size changed {saved_world} -> "
             f"{ctx.world_size}"
         )
     data_file = p / f"data_rank{ctx.rank}.json"
     data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    return Restored(int(state["step"]), saved_world, state, data_state, notes)
+    return Restored(int(state["step"]), saved_world, data_state, notes)
 
 
 def _dcp_metadata(dcp_dir: Path):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vla_train.config import DistributedConfig
+from vla_train.config import DistributedConfig, launch_world_size
 
 
 @dataclass
@@ -66,7 +66,7 @@ def init_distributed(cfg: DistributedConfig) -> DistContext:
     Without torchrun, `single` runs without any group and `ddp`/`fsdp` get a one-process group (an
     in-memory store), so the same code path and checkpoint format serve one process and many.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -270,10 +270,3 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model

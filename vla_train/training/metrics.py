@@ -23,28 +23,31 @@ DS_PREFIX = "ds/"
 def _core_sums(
     logits_NV: torch.Tensor,
     labels_N: torch.Tensor,
-    token_loss_N: torch.Tensor,
+    token_loss_N: torch.Tensor | None,
     action_tokenizer: ActionTokenizer,
-    action_stats: dict | None,
+    statistics: dict | None = None,
 ) -> dict:
+    """Sums of some supervised positions; with one dataset's `statistics` (stats + normalization) also
+    the L1 in physical units."""
     pred = logits_NV.argmax(-1)
     mask = action_tokenizer.is_action_token(labels_N)
     n = int(mask.sum())
-    correct = int((pred[mask] == labels_N[mask]).sum())
     pred_np = action_tokenizer.decode(pred[mask].cpu().numpy())
     true_np = action_tokenizer.decode(labels_N[mask].cpu().numpy())
     sums = {
-        "loss_sum": float(token_loss_N.sum()),
         "n_tok": int(labels_N.numel()),
         "n": n,
-        "correct": correct,
+        "correct": int((pred[mask] == labels_N[mask]).sum()),
         "l1_sum": float(np.abs(pred_np - true_np).sum()),
     }
-    if action_stats is not None and n:
-        A = len(action_stats["q01"])
-        if n % A == 0:  # every sample has all action_dim tokens supervised
-            phys_p = unnormalize(pred_np.reshape(-1, A), action_stats)
-            phys_t = unnormalize(true_np.reshape(-1, A), action_stats)
+    if token_loss_N is not None:
+        sums["loss_sum"] = float(token_loss_N.sum())
+    if statistics is not None and n:
+        stats, mode = statistics["action"], statistics.get("normalization", "bounds_q99")
+        A = len(stats["q01"])
+        if n % A == 0:  # whole actions (or chunk steps) supervised
+            phys_p = unnormalize(pred_np.reshape(-1, A), stats, mode)
+            phys_t = unnormalize(true_np.reshape(-1, A), stats, mode)
             sums["l1_phys_sum"] = float(np.abs(phys_p - phys_t).sum())
     return sums
 
@@ -53,22 +56,29 @@ def _core_sums(
 def action_metrics(
     out: VLAOutput,
     action_tokenizer: ActionTokenizer,
-    action_stats: dict | None = None,
     dataset_names: list[str] | None = None,
+    statistics: dict | None = None,
 ) -> dict:
-    """Sums of one forward (see the module docstring); `dataset_names[b]` names batch row b's dataset."""
+    """Sums of one forward (see the module docstring); `dataset_names[b]` names batch row b's dataset.
+
+    With dataset_names the sums are also kept per dataset, and with `statistics` ({dataset: stats +
+    normalization}, the run's norm_stats) the physical L1 is added, each frame unnormalized with its own
+    dataset's statistics. Without dataset_names nothing is split (the cheap path for a one-dataset run).
+    """
     logits = out.logits_NV.detach().float()
-    token_loss = F.cross_entropy(logits, out.labels_N, reduction="none")
-    sums = _core_sums(logits, out.labels_N, token_loss, action_tokenizer, action_stats)
+    sums = _core_sums(logits, out.labels_N, None, action_tokenizer)
     # The model's own mean loss, weighted by its token count: what the optimizer saw.
     sums["loss_sum"] = float(out.loss.detach()) * sums["n_tok"]
-    sums["batches"] = 1
     if dataset_names is not None:
+        token_loss = F.cross_entropy(logits, out.labels_N, reduction="none")
         rows = out.sample_index_N.cpu().numpy()
         names = np.asarray(dataset_names, dtype=object)[rows] if len(rows) else np.asarray([], dtype=object)
         for name in sorted(set(names.tolist())):
             sel = torch.as_tensor(names == name, device=logits.device)
-            part = _core_sums(logits[sel], out.labels_N[sel], token_loss[sel], action_tokenizer, None)
+            stats = statistics[name] if statistics is not None else None
+            part = _core_sums(logits[sel], out.labels_N[sel], token_loss[sel], action_tokenizer, stats)
+            if "l1_phys_sum" in part:
+                sums["l1_phys_sum"] = sums.get("l1_phys_sum", 0.0) + part.pop("l1_phys_sum")
             for k, v in part.items():
                 sums[f"{DS_PREFIX}{name}/{k}"] = v
     return sums

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,19 +23,18 @@ import torch
 from vla_train.config import TrainConfig, TrainingConfig, to_yaml
 from vla_train.data.loader import FrameStream, StreamSpec
 from vla_train.data.mixture import mixture_statistics, resolve_mixture
-from vla_train.data.normalize import unnormalize
 from vla_train.data.rlds import collect_instructions, open_builder, split_for
 from vla_train.data.synthetic import build_synthetic_dataset
 from vla_train.models.load import build_from_config, load_model_dir, save_model_dir
 from vla_train.models.peft import apply_lora, set_finetune_mode
 from vla_train.models.prompting import IGNORE_INDEX
-from vla_train.models.vla import VLAOutput
 from vla_train.training.checkpoint import (
     Restored,
     latest_checkpoint,
     remove_uncommitted,
     restore_checkpoint,
     save_checkpoint,
+    seed_everything,
 )
 from vla_train.training.distributed import (
     DistContext,
@@ -92,7 +90,6 @@ def stream_spec(
         shard_index=shard_index,
         datasets=d.datasets() if d.mixture else [],
         balance_weights=d.balance_weights,
-        stats_cache_dir=d.stats_cache_dir,
         future_action_window_size=d.future_action_window_size,
         window_size=d.window_size,
         max_action=d.max_action,
@@ -169,32 +166,6 @@ def current_action(batch: dict[str, Any], key: str = "action") -> np.ndarray:
     return action[:, 0] if "action_pad_mask" in batch else action
 
 
-def physical_l1_sums(
-    out: VLAOutput, action_tokenizer, statistics: dict[str, Any], dataset_names: list[str]
-) -> dict[str, float]:
-    """{"l1_phys_sum"}: absolute error of the teacher-forced action tokens in physical units, each frame
-    unnormalized with its own dataset's statistics (metrics.finalize reports val/action_l1_physical)."""
-    if not len(out.labels_N):
-        return {}
-    rows = out.sample_index_N.cpu().numpy()
-    names = np.asarray(dataset_names, dtype=object)[rows]
-    pred = out.logits_NV.detach().argmax(-1).cpu().numpy()
-    labels = out.labels_N.cpu().numpy()
-    is_action = np.asarray(action_tokenizer.is_action_token(labels), bool)
-    total = 0.0
-    for name in sorted(set(names.tolist())):
-        stats = statistics[name]
-        sel = is_action & (names == name)
-        A = len(stats["action"]["q01"])
-        if sel.sum() % A:
-            return {}  # not whole actions: no physical error
-        mode = stats.get("normalization", "bounds_q99")
-        p = unnormalize(action_tokenizer.decode(pred[sel]).reshape(-1, A), stats["action"], mode)
-        t = unnormalize(action_tokenizer.decode(labels[sel]).reshape(-1, A), stats["action"], mode)
-        total += float(np.abs(p - t).sum())
-    return {"l1_phys_sum": total}
-
-
 @dataclass
 class DataPlan:
     """How this rank reads its micro-batches (see training.data_sharding)."""
@@ -234,12 +205,6 @@ def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optim
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.training.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
@@ -320,8 +285,7 @@ def validate(
             generated = vla.predict_action_tokens(processor.inference_prompts(batch["instruction"]), pixels)
         if keep:
             names = batch["dataset_name"]
-            accumulate(sums, action_metrics(out, processor.action_tokenizer, None, names))
-            accumulate(sums, physical_l1_sums(out, processor.action_tokenizer, statistics, names))
+            accumulate(sums, action_metrics(out, processor.action_tokenizer, names, statistics))
             # greedy decoding yields one action per frame: compared with the frame's own (a chunk's first)
             accumulate(
                 sums,
@@ -386,9 +350,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
         if cfg.data.build_synthetic:
             build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic)
         norm_stats = run_statistics(cfg)
-    barrier(ctx)
-    if not ctx.is_main:
-        norm_stats = run_statistics(cfg)
+    norm_stats = broadcast_object(norm_stats if ctx.is_main else None, ctx)  # computed once, on rank 0
     statistics = norm_stats
     if ctx.is_main:
         (run_dir / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
@@ -513,7 +475,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
                     # Sum of token losses / the step's token count over ranks and micro-batches; DDP and
                     # FSDP average gradients over ranks, hence the world size factor.
                     (out.loss * (n_tok[i] * ctx.world_size / n_tok_global)).backward()
-                accumulate(sums, action_metrics(out, processor.action_tokenizer, None, b["dataset_name"]))
+                # per-dataset sums (an extra cross-entropy) only when the run reads several datasets
+                names = b["dataset_name"] if len(statistics) > 1 else None
+                accumulate(sums, action_metrics(out, processor.action_tokenizer, names))
                 sums["frames"] = sums.get("frames", 0) + len(b["instruction"])
                 sums["tokens"] = (
                     sums.get("tokens", 0)
