@@ -25,6 +25,7 @@ planar pixels (scripts/bench_data.py measures the pipeline against a bare decode
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 
@@ -75,40 +76,57 @@ def lanczos_spans(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return start, weights
 
 
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _resample_row(src, s, wrow, row):
+    """row[:] = sum_k wrow[k] * src[s + k, :] over contiguous rows (src uint8 or float32). Taps go four
+    at a time (weights padded to a multiple of 4 by _pad_taps): one vectorized pass per four taps keeps
+    the loads and stores of row low."""
+    k_taps = wrow.shape[0]
+    length = src.shape[1]
+    if k_taps % 4 or s + k_taps > src.shape[0]:  # unpadded (tiny input): one tap at a time
+        for j in range(length):
+            row[j] = 0.0
+        for k in range(k_taps):
+            w = wrow[k]
+            r = src[s + k]
+            for j in range(length):
+                row[j] += w * np.float32(r[j])
+        return
+    for g in range(0, k_taps, 4):
+        r0, r1, r2, r3 = src[s + g], src[s + g + 1], src[s + g + 2], src[s + g + 3]
+        w0, w1, w2, w3 = wrow[g], wrow[g + 1], wrow[g + 2], wrow[g + 3]
+        if g == 0:
+            for j in range(length):
+                row[j] = (
+                    w0 * np.float32(r0[j]) + w1 * np.float32(r1[j])
+                    + w2 * np.float32(r2[j]) + w3 * np.float32(r3[j])
+                )  # fmt: skip
+        else:
+            for j in range(length):
+                row[j] += (
+                    w0 * np.float32(r0[j]) + w1 * np.float32(r1[j])
+                    + w2 * np.float32(r2[j]) + w3 * np.float32(r3[j])
+                )  # fmt: skip
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _resample_rows(src, start, weights, out):
-    """out[i, :] = sum_k weights[i, k] * src[start[i] + k, :] over contiguous rows (src uint8 or
-    float32). Taps go four at a time (weights padded to a multiple of 4 by _pad_taps): one vectorized
-    pass per four taps keeps the loads and stores of out low."""
-    n_out, k_taps = weights.shape
-    length = src.shape[1]
-    for i in range(n_out):
-        s = start[i]
-        row = out[i]
-        if k_taps % 4 or s + k_taps > src.shape[0]:  # unpadded (tiny input): one tap at a time
-            for j in range(length):
-                row[j] = 0.0
-            for k in range(k_taps):
-                w = weights[i, k]
-                r = src[s + k]
-                for j in range(length):
-                    row[j] += w * np.float32(r[j])
-            continue
-        for g in range(0, k_taps, 4):
-            r0, r1, r2, r3 = src[s + g], src[s + g + 1], src[s + g + 2], src[s + g + 3]
-            w0, w1, w2, w3 = weights[i, g], weights[i, g + 1], weights[i, g + 2], weights[i, g + 3]
-            if g == 0:
-                for j in range(length):
-                    row[j] = (
-                        w0 * np.float32(r0[j]) + w1 * np.float32(r1[j])
-                        + w2 * np.float32(r2[j]) + w3 * np.float32(r3[j])
-                    )  # fmt: skip
-            else:
-                for j in range(length):
-                    row[j] += (
-                        w0 * np.float32(r0[j]) + w1 * np.float32(r1[j])
-                        + w2 * np.float32(r2[j]) + w3 * np.float32(r3[j])
-                    )  # fmt: skip
+    """out[i, :] = sum_k weights[i, k] * src[start[i] + k, :] for every output row i."""
+    for i in range(weights.shape[0]):
+        _resample_row(src, start[i], weights[i], out[i])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _resample_rows_transposed(src, start, weights, row, dst):
+    """_resample_rows of interleaved RGB rows [A, B * 3], written transposed: output row i goes to
+    dst[:, 3 * i : 3 * i + 3] ([B, n_out * 3]), straight from the one-row buffer `row` (stays in cache)."""
+    b = src.shape[1] // 3
+    for i in range(weights.shape[0]):
+        _resample_row(src, start[i], weights[i], row)
+        for j in range(b):
+            dst[j, 3 * i] = row[3 * j]
+            dst[j, 3 * i + 1] = row[3 * j + 1]
+            dst[j, 3 * i + 2] = row[3 * j + 2]
 
 
 def _pad_taps(taps: int, in_size: int) -> int:
@@ -118,25 +136,8 @@ def _pad_taps(taps: int, in_size: int) -> int:
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _transpose_pixels(src, dst):
-    """[A, B * 3] -> [B, A * 3]: swaps the two pixel axes of an interleaved RGB image, in tiles."""
-    a = src.shape[0]
-    b = src.shape[1] // 3
-    tile = 16
-    for i0 in range(0, a, tile):
-        i1 = min(i0 + tile, a)
-        for j0 in range(0, b, tile):
-            j1 = min(j0 + tile, b)
-            for i in range(i0, i1):
-                for j in range(j0, j1):
-                    dst[j, 3 * i] = src[i, 3 * j]
-                    dst[j, 3 * i + 1] = src[i, 3 * j + 1]
-                    dst[j, 3 * i + 2] = src[i, 3 * j + 2]
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
 def _transpose_pixels_u8(src, dst):
-    """_transpose_pixels for uint8 images, row by row of dst (measured faster for bytes than tiles)."""
+    """[A, B * 3] -> [B, A * 3] for uint8 images: swaps the two pixel axes, row by row of dst."""
     a = src.shape[0]
     b = src.shape[1] // 3
     for j in range(b):
@@ -148,16 +149,14 @@ def _transpose_pixels_u8(src, dst):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _resample_image(img, ys, yw, xs, xw, src_t, tmp, tmp_t, out):
-    """Separable resampling of uint8 [H, W, 3] into float32 out [OH, OW * 3]: the source is transposed
-    (as uint8, the cheapest copy), resampled along x over contiguous rows, transposed back and resampled
-    along y, so both passes are vectorized row operations and the result comes out in image order.
-    src_t [W, H * 3] uint8, tmp [OW, H * 3] and tmp_t [H, OW * 3] are scratch (see _workspace)."""
+def _resample_x(img, xs, xw, src_t, row, tmp_t):
+    """The first pass of the separable resampling of uint8 [H, W, 3]: the source is transposed (as
+    uint8, the cheapest copy) and resampled along x over its contiguous rows, each output row written
+    back transposed, into tmp_t [H, OW * 3] (image order); the y pass then works on tmp_t's contiguous
+    rows too. src_t [W, H * 3] uint8 and row [max(H, OW) * 3] are scratch (see _workspace)."""
     h, w, _ = img.shape
     _transpose_pixels_u8(img.reshape(h, w * 3), src_t)
-    _resample_rows(src_t, xs, xw, tmp)
-    _transpose_pixels(tmp, tmp_t)
-    _resample_rows(tmp_t, ys, yw, out)
+    _resample_rows_transposed(src_t, xs, xw, row, tmp_t)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -179,61 +178,69 @@ def _to_uint8(img, out):
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath=True)
-def _brightness_planes(img, brightness, planes, means):
-    """Interleaved float32 [H, W * 3] in 0..255 -> planes [3, H * W] =
+def _resample_rows_brightness(src, start, weights, row, brightness, planes, means):
+    """_resample_rows of interleaved RGB rows in 0..255 ([A, B * 3]) with brightness applied as each
+    output row comes out (from the one-row buffer `row`): planes [3, n_out * B] =
     clip(clip(x / 255, 0, 1) + brightness, 0, 1); means[c] = each plane's mean."""
-    flat = img.reshape(-1)
-    n = planes.shape[1]
+    n_out = weights.shape[0]
+    b = src.shape[1] // 3
     inv = np.float32(1.0 / 255.0)
     zero, one = np.float32(0.0), np.float32(1.0)
+    sums = np.zeros(3, np.float32)
+    for i in range(n_out):
+        _resample_row(src, start[i], weights[i], row)
+        base = i * b
+        for c in range(3):
+            plane = planes[c]
+            acc = np.float32(0.0)
+            for j in range(b):
+                v = min(max(min(max(row[3 * j + c] * inv, zero), one) + brightness, zero), one)
+                plane[base + j] = v
+                acc += v
+            sums[c] += acc
     for c in range(3):
-        plane = planes[c]
-        acc = np.float32(0.0)
-        for i in range(n):
-            v = min(max(min(max(flat[3 * i + c] * inv, zero), one) + brightness, zero), one)
-            plane[i] = v
-            acc += v
-        means[c] = acc / n
+        means[c] = sums[c] / (n_out * b)
 
 
 @njit(nogil=True, cache=True, error_model="numpy", inline="always")
-def _hue_channel(n, h6, s, v):
-    """One channel of HSV -> RGB (n = 5, 3, 1 for r, g, b; h6 = hue in [0, 6)), branch-free."""
+def _hue_term(n, h6):
+    """t in [0, 1] with channel n (5, 3, 1 for r, g, b) of HSV -> RGB = v - chroma * t (h6 = hue in
+    [0, 6)), branch-free."""
     k = n + h6
     k = k - np.float32(6.0) if k >= np.float32(6.0) else k
-    t = min(max(min(k, np.float32(4.0) - k), np.float32(0.0)), np.float32(1.0))
-    return v - v * s * t
+    return min(max(min(k, np.float32(4.0) - k), np.float32(0.0)), np.float32(1.0))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _contrast_saturation_hue(planes, means, contrast, saturation, hue):
-    """Contrast, saturation and hue on float32 planes [3, N] in [0, 1], in place (stay in [0, 1])."""
+    """Contrast, saturation and hue on float32 planes [3, N] in [0, 1], in place (stay in [0, 1]).
+    TF's adjust_saturation / adjust_hue kernels, with two divisions folded away: the new chroma
+    v * min(s * f, 1) (s = range / v) is min(range * f, v), and the hue is kept in sixths."""
     n = planes.shape[1]
     mr, mg, mb = means[0], means[1], means[2]
     zero, one, six = np.float32(0.0), np.float32(1.0), np.float32(6.0)
+    hue6 = six * hue
     red, green, blue = planes[0], planes[1], planes[2]
     for i in range(n):
         r = min(max((red[i] - mr) * contrast + mr, zero), one)
         g = min(max((green[i] - mg) * contrast + mg, zero), one)
         b = min(max((blue[i] - mb) * contrast + mb, zero), one)
-        # RGB -> HSV as TF's adjust_saturation / adjust_hue kernels compute it.
         vmax = max(r, max(g, b))
         rng = vmax - min(r, min(g, b))
-        sat = rng / max(vmax, np.float32(1e-30))
-        norm = one / (six * max(rng, np.float32(1e-30)))
-        hh = norm * (r - g) + np.float32(4.0 / 6.0)
-        hh = norm * (b - r) + np.float32(2.0 / 6.0) if g == vmax else hh
-        hh = norm * (g - b) if r == vmax else hh
-        hh = hh + one if hh < zero else hh
-        hh = hh if rng > zero else zero
-        sat = min(max(sat * saturation, zero), one)
-        hh = hh + hue  # |hue| < 1: one wrap either way
-        hh = hh - one if hh >= one else hh
-        hh = hh + one if hh < zero else hh
-        h6 = hh * six
-        red[i] = _hue_channel(np.float32(5.0), h6, sat, vmax)
-        green[i] = _hue_channel(np.float32(3.0), h6, sat, vmax)
-        blue[i] = _hue_channel(np.float32(1.0), h6, sat, vmax)
+        chroma = min(rng * saturation, vmax)
+        # hue in sixths: (g - b) / range from red's sector, + 2 from green's, + 4 from blue's; a grey
+        # pixel (range 0) has chroma 0, so its hue does not matter
+        d = r - g
+        sector = np.float32(4.0)
+        d = b - r if g == vmax else d
+        sector = np.float32(2.0) if g == vmax else sector
+        d = g - b if r == vmax else d
+        sector = zero if r == vmax else sector
+        h6 = d / max(rng, np.float32(1e-30)) + sector + hue6
+        h6 = h6 - six * np.floor(h6 / six)  # into [0, 6] (6 only by rounding; _hue_term wraps it)
+        red[i] = vmax - chroma * _hue_term(np.float32(5.0), h6)
+        green[i] = vmax - chroma * _hue_term(np.float32(3.0), h6)
+        blue[i] = vmax - chroma * _hue_term(np.float32(1.0), h6)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -250,16 +257,31 @@ def _planes_to_uint8(planes, out, scale):
 
 @functools.cache
 def _composed_taps(in_size: int, size: int) -> int:
-    """Taps of a lanczos span followed by a 2-tap bilinear one (see _crop_spans)."""
+    """Taps of a lanczos span followed by a 2-tap bilinear one (see _crop_spans): the widest union of
+    two neighbouring spans' nonzero weights, padded to a multiple of 4."""
     start, weights = lanczos_spans(in_size, size)
-    return _pad_taps(min(weights.shape[1] + int(np.diff(start).max(initial=0)), in_size), in_size)
+    nonzero = weights != 0
+    first = start + nonzero.argmax(1)
+    last = start + weights.shape[1] - 1 - nonzero[:, ::-1].argmax(1)
+    widest = int((np.maximum(last[:-1], last[1:]) - first[:-1]).max(initial=0)) + 1
+    return _pad_taps(max(widest, int(nonzero.sum(1).max())), in_size)
+
+
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _first_tap(lw, t):
+    """Index of row t's first nonzero weight."""
+    for k in range(lw.shape[1]):
+        if lw[t, k] != 0:
+            return k
+    return 0
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _crop_spans(ls, lw, taps, in_size, size, offset, side):
     """Spans of tf.image.crop_and_resize (box [offset, offset + side] of the resized axis, back to
     `size`, bilinear) composed with the lanczos spans (ls, lw) from the `in_size` input: one resampling
-    instead of two (without the uint8 rounding OpenVLA has in between)."""
+    instead of two (without the uint8 rounding OpenVLA has in between). Each span starts at its first
+    nonzero weight, so `taps` (_composed_taps) holds every nonzero one."""
     start = np.empty(size, np.int64)
     weights = np.zeros((size, taps), np.float32)
     k_taps = lw.shape[1]
@@ -270,26 +292,29 @@ def _crop_spans(ls, lw, taps, in_size, size, offset, side):
         t = min(top, size - 2)
         c0 = np.float32(1.0) - lerp if top == t else np.float32(0.0)
         c1 = lerp if top == t else np.float32(1.0)
-        s0 = ls[t]
-        s1 = ls[t + 1]
-        st = min(s0, in_size - taps)
+        first = ls[t] + _first_tap(lw, t) if c0 != 0 else ls[t + 1] + _first_tap(lw, t + 1)
+        st = min(first, in_size - taps)
         start[i] = st
-        for k in range(k_taps):
-            weights[i, s0 - st + k] += c0 * lw[t, k]
-            weights[i, s1 - st + k] += c1 * lw[t + 1, k]
+        for row, c in ((t, c0), (t + 1, c1)):
+            if c == 0:
+                continue
+            for k in range(k_taps):
+                if lw[row, k] != 0:
+                    weights[i, ls[row] - st + k] += c * lw[row, k]
     return start, weights
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _resize_into(img, ys, yw, xs, xw, out, src_t, tmp, tmp_t, res):
+def _resize_into(img, ys, yw, xs, xw, out, src_t, row, tmp_t, res):
     """The lanczos resize of one frame into out (uint8 [S, S, 3]); the rest is scratch."""
-    _resample_image(img, ys, yw, xs, xw, src_t, tmp, tmp_t, res)
+    _resample_x(img, xs, xw, src_t, row, tmp_t)
+    _resample_rows(tmp_t, ys, yw, res)
     _round_clip(res.reshape(-1))
     _to_uint8(res, out)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _augment_into(img, ly, lwy, ty, lx, lwx, tx, params, out, src_t, tmp, tmp_t, res, planes):
+def _augment_into(img, ly, lwy, ty, lx, lwx, tx, params, out, src_t, row, tmp_t, planes):
     """Resize + augmentation of one frame into out (uint8 [S, S, 3]); (l*, lw*, t*) are the lanczos
     spans and composed tap count of each axis; the rest is scratch."""
     h, w, _ = img.shape
@@ -297,9 +322,9 @@ def _augment_into(img, ly, lwy, ty, lx, lwx, tx, params, out, src_t, tmp, tmp_t,
     side = math.sqrt(CROP_AREA)
     ys, yw = _crop_spans(ly, lwy, ty, h, size, params[0], side)
     xs, xw = _crop_spans(lx, lwx, tx, w, size, params[1], side)
-    _resample_image(img, ys, yw, xs, xw, src_t, tmp, tmp_t, res)
+    _resample_x(img, xs, xw, src_t, row, tmp_t)
     means = np.empty(3, np.float32)
-    _brightness_planes(res, np.float32(params[2]), planes, means)
+    _resample_rows_brightness(tmp_t, ys, yw, row, np.float32(params[2]), planes, means)
     _contrast_saturation_hue(
         planes, means, np.float32(params[3]), np.float32(params[4]), np.float32(params[5])
     )
@@ -311,7 +336,7 @@ _SCRATCH = threading.local()
 
 def _workspace(h: int, w: int, size: int) -> tuple:
     """This thread's scratch arrays for (h, w) -> size frames, reused from frame to frame: allocating
-    ~3 MB per frame made the kernels page-fault, a third slower inside the pipeline than alone."""
+    ~2 MB per frame made the kernels page-fault, a third slower inside the pipeline than alone."""
     cache = _SCRATCH.__dict__.setdefault("by_shape", {})
     key = (h, w, size)
     if key not in cache:
@@ -319,7 +344,7 @@ def _workspace(h: int, w: int, size: int) -> tuple:
             cache.clear()
         cache[key] = (
             np.empty((w, h * 3), np.uint8),
-            np.empty((size, h * 3), np.float32),
+            np.empty(max(h, size) * 3, np.float32),
             np.empty((h, size * 3), np.float32),
             np.empty((size, size * 3), np.float32),
             np.empty((3, size * size), np.float32),
@@ -330,16 +355,16 @@ def _workspace(h: int, w: int, size: int) -> tuple:
 def _into(img: np.ndarray, out: np.ndarray, params: np.ndarray | None) -> None:
     h, w, _ = img.shape
     size = out.shape[0]
-    src_t, tmp, tmp_t, res, planes = _workspace(h, w, size)
+    src_t, row, tmp_t, res, planes = _workspace(h, w, size)
     if params is None:
         if h == size and w == size:
             out[...] = img
         else:
-            _resize_into(img, *lanczos_spans(h, size), *lanczos_spans(w, size), out, src_t, tmp, tmp_t, res)
+            _resize_into(img, *lanczos_spans(h, size), *lanczos_spans(w, size), out, src_t, row, tmp_t, res)
     else:
         _augment_into(
             img, *lanczos_spans(h, size), _composed_taps(h, size), *lanczos_spans(w, size),
-            _composed_taps(w, size), params.astype(np.float32), out, src_t, tmp, tmp_t, res, planes,
+            _composed_taps(w, size), params.astype(np.float32), out, src_t, row, tmp_t, planes,
         )  # fmt: skip
 
 
@@ -383,8 +408,10 @@ def process_batch(
     workers = max(1, min(n, threads or os.cpu_count() or 1))
     pool = _pool(workers)
 
-    def work(first: int) -> None:
-        for i in range(first, n, workers):
+    frames = itertools.count()  # next() is atomic under the GIL: each frame goes to the first free thread
+
+    def work() -> None:
+        while (i := next(frames)) < n:
             h, w = int(shapes[i][0]), int(shapes[i][1])
             if h * w == 0:
                 out[i] = 0
@@ -392,6 +419,6 @@ def process_batch(
             img = raw[i] if (h, w) == raw.shape[1:3] else np.ascontiguousarray(raw[i, :h, :w])
             _into(img, out[i], None if params is None else params[i])
 
-    for f in [pool.submit(work, j) for j in range(workers)]:
+    for f in [pool.submit(work) for _ in range(workers)]:
         f.result()
     return out
