@@ -26,6 +26,29 @@ def _problem(path: str, msg: str) -> str:
     return f"{path}: {msg}"
 
 
+def _field(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _at_least(obj, prefix: str, low: int, *names: str, note: str = "") -> list[str]:
+    """A problem for each of obj's fields `names` below `low` (note: what the bound means)."""
+    hint = f" ({note})" if note else ""
+    return [
+        _problem(_field(prefix, name), f"must be >= {low}{hint}, got {getattr(obj, name)}")
+        for name in names
+        if getattr(obj, name) < low
+    ]
+
+
+def _one_of(obj, prefix: str, name: str, options, note: str = "") -> list[str]:
+    """A problem if obj's field `name` is not one of `options` (note: where the alternatives are)."""
+    value = getattr(obj, name)
+    if value in options:
+        return []
+    hint = f" ({note})" if note else ""
+    return [_problem(_field(prefix, name), f"unknown '{value}'; use one of {', '.join(options)}{hint}")]
+
+
 def writable_dir_problem(directory: str) -> str | None:
     """None if `directory` exists or can be created and a file can be written in it, else why not.
 
@@ -56,13 +79,8 @@ class SyntheticDataConfig:
     seed: int = 0
 
     def validate(self, prefix: str) -> list[str]:
-        errs = []
-        for name in ("num_train_episodes", "num_val_episodes", "steps_per_episode"):
-            if getattr(self, name) < 1:
-                errs.append(_problem(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}"))
-        if self.image_size < 16:
-            errs.append(_problem(f"{prefix}.image_size", f"must be >= 16 pixels, got {self.image_size}"))
-        return errs
+        errs = _at_least(self, prefix, 1, "num_train_episodes", "num_val_episodes", "steps_per_episode")
+        return errs + _at_least(self, prefix, 16, "image_size", note="pixels")
 
 
 @dataclass
@@ -122,32 +140,16 @@ class DataConfig:
     on_bad_data: str = "raise"
 
     def validate(self, prefix: str = "data") -> list[str]:
-        errs = []
-        for name in ("future_action_window_size", "max_action", "max_proprio", "subsample_length"):
-            if getattr(self, name) < 0:
-                errs.append(_problem(f"{prefix}.{name}", "must be >= 0 (0 = off)"))
-        if self.window_size < 1:
-            errs.append(_problem(f"{prefix}.window_size", "must be >= 1"))
-        if self.normalization not in ("bounds_q99", "bounds", "normal"):
-            errs.append(
-                _problem(
-                    f"{prefix}.normalization",
-                    f"unknown '{self.normalization}'; use one of bounds_q99, bounds, normal",
-                )
-            )
-        if self.ablation not in ("none", "blank_image", "fixed_instruction"):
-            errs.append(
-                _problem(
-                    f"{prefix}.ablation",
-                    f"unknown '{self.ablation}'; use none, blank_image or fixed_instruction",
-                )
-            )
-        if self.shuffle_buffer_size < 1:
-            errs.append(_problem(f"{prefix}.shuffle_buffer_size", "must be >= 1"))
-        if self.ram_budget_gb < 0:
-            errs.append(_problem(f"{prefix}.ram_budget_gb", "must be >= 0 (0 = no cap)"))
-        if self.on_bad_data not in ("raise", "skip"):
-            errs.append(_problem(f"{prefix}.on_bad_data", f"unknown '{self.on_bad_data}'; use raise or skip"))
+        errs = _at_least(
+            self, prefix, 0, "future_action_window_size", "max_action", "max_proprio", "subsample_length",
+            note="0 = off",
+        )  # fmt: skip
+        errs += _at_least(self, prefix, 1, "window_size", "shuffle_buffer_size")
+        errs += _at_least(self, prefix, 0, "ram_budget_gb", note="0 = no cap")
+        errs += _at_least(self, prefix, 0, "num_parallel_calls", note="0 = autotune")
+        errs += _one_of(self, prefix, "normalization", ("bounds_q99", "bounds", "normal"))
+        errs += _one_of(self, prefix, "ablation", ("none", "blank_image", "fixed_instruction"))
+        errs += _one_of(self, prefix, "on_bad_data", ("raise", "skip"))
         bad_cameras = [c for c in self.cameras if c not in ("primary", "secondary", "wrist")]
         if bad_cameras or "primary" not in self.cameras or len(set(self.cameras)) != len(self.cameras):
             errs.append(
@@ -157,8 +159,6 @@ class DataConfig:
                     "includes primary (the policy's image)",
                 )
             )
-        if self.num_parallel_calls < 0:
-            errs.append(_problem(f"{prefix}.num_parallel_calls", "must be >= 0 (0 = autotune)"))
         errs += self._registry_problems(prefix)
         dataset_dir = Path(self.data_root_dir) / self.dataset_name
         if self.build_synthetic:
@@ -320,11 +320,7 @@ class ModelConfig:
             "siglip_num_layers siglip_num_heads llm_hidden_size llm_num_layers llm_num_heads "
             "llm_intermediate_size text_vocab_size max_length action_dim n_action_bins"
         ).split()
-        for name in positive:
-            if getattr(self, name) < 1:
-                errs.append(_problem(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}"))
-        if self.dino_num_registers < 0:
-            errs.append(_problem(f"{prefix}.dino_num_registers", "must be >= 0"))
+        errs += _at_least(self, prefix, 1, *positive) + _at_least(self, prefix, 0, "dino_num_registers")
         if errs:
             return errs
         if self.image_size % self.patch_size:
@@ -343,25 +339,13 @@ class ModelConfig:
                         f"{width} is not divisible by {tower}_num_heads {heads}",
                     )
                 )
-        for tower in ("dino", "siglip"):
-            if getattr(self, f"{tower}_num_layers") < 2:
-                errs.append(
-                    _problem(
-                        f"{prefix}.{tower}_num_layers",
-                        "must be >= 2: features come from the second-to-last block",
-                    )
-                )
-        if self.text_vocab_size < 64:
-            errs.append(_problem(f"{prefix}.text_vocab_size", "must be >= 64 to hold the prompt vocabulary"))
-        if self.llm_type not in ("llama", "qwen2"):
-            errs.append(_problem(f"{prefix}.llm_type", f"unknown '{self.llm_type}'; use llama or qwen2"))
-        if self.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
-            errs.append(
-                _problem(
-                    f"{prefix}.attn_implementation",
-                    f"unknown '{self.attn_implementation}'; use auto, sdpa, eager or flash_attention_2",
-                )
-            )
+        errs += _at_least(
+            self, prefix, 2, "dino_num_layers", "siglip_num_layers",
+            note="features come from the second-to-last block",
+        )  # fmt: skip
+        errs += _at_least(self, prefix, 64, "text_vocab_size", note="to hold the prompt vocabulary")
+        errs += _one_of(self, prefix, "llm_type", ("llama", "qwen2"))
+        errs += _one_of(self, prefix, "attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
         if self.llm_num_kv_heads and self.llm_num_heads % self.llm_num_kv_heads:
             errs.append(
                 _problem(
@@ -415,21 +399,16 @@ class LoraConfig:
     def validate(self, prefix: str = "lora") -> list[str]:
         errs = []
         if self.enabled:
-            if self.rank < 1:
-                errs.append(_problem(f"{prefix}.rank", f"must be >= 1, got {self.rank}"))
-            if self.alpha < 0:
-                errs.append(_problem(f"{prefix}.alpha", "must be >= 0 (0 = min(rank, 16))"))
+            errs += _at_least(self, prefix, 1, "rank")
+            errs += _at_least(self, prefix, 0, "alpha", note="0 = min(rank, 16)")
             if not 0.0 <= self.dropout < 1.0:
                 errs.append(_problem(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}"))
-            if self.init not in ("gaussian", "default"):
-                errs.append(_problem(f"{prefix}.init", f"unknown '{self.init}'; use gaussian or default"))
+            errs += _one_of(self, prefix, "init", ("gaussian", "default"))
             if not self.target_modules:
                 errs.append(_problem(f"{prefix}.target_modules", "is empty; use [all-linear] or layer names"))
-        if self.quantization not in ("none", "nf4", "int8"):
-            errs.append(
-                _problem(f"{prefix}.quantization", f"unknown '{self.quantization}'; use none, nf4 or int8")
-            )
-        elif self.quantization != "none" and not self.enabled:
+        bad_quantization = _one_of(self, prefix, "quantization", ("none", "nf4", "int8"))
+        errs += bad_quantization
+        if not bad_quantization and self.quantization != "none" and not self.enabled:
             errs.append(
                 _problem(
                     f"{prefix}.quantization",
@@ -437,13 +416,7 @@ class LoraConfig:
                     "set lora.enabled true (QLoRA) or lora.quantization none",
                 )
             )
-        if self.quant_compute_dtype not in ("auto", "bfloat16", "float32"):
-            errs.append(
-                _problem(
-                    f"{prefix}.quant_compute_dtype",
-                    f"unknown '{self.quant_compute_dtype}'; use auto, bfloat16 or float32",
-                )
-            )
+        errs += _one_of(self, prefix, "quant_compute_dtype", ("auto", "bfloat16", "float32"))
         if self.modules_to_save and not self.enabled:
             errs.append(
                 _problem(
@@ -512,25 +485,20 @@ class TrainingConfig:
             errs.append(
                 _problem(f"{prefix}.max_steps", f"must be a positive step count, got {self.max_steps}")
             )
-        if self.batch_size < 1:
-            errs.append(_problem(f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}"))
-        if self.grad_accum_steps < 1:
-            errs.append(_problem(f"{prefix}.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}"))
+        errs += _at_least(self, prefix, 1, "batch_size", "grad_accum_steps", "keep_last_checkpoints")
+        errs += _at_least(self, prefix, 0, "weight_decay", "num_val_frames", "num_threads")
+        errs += _at_least(self, prefix, 0, "val_every", "checkpoint_every", note="0 = only at the end")
+        errs += _at_least(self, prefix, 0, "max_grad_norm", note="0 disables clipping")
+        errs += _one_of(self, prefix, "lr_schedule", LR_SCHEDULES)
+        errs += _one_of(self, prefix, "data_sharding", ("episodes", "batch_slice"))
+        errs += _one_of(
+            self, prefix, "finetune_mode", FINETUNE_MODES, note="LoRA/QLoRA: lora.enabled / lora.quantization"
+        )
         # batch_size must split into ranks x grad_accum_steps: launch_problems checks it, with the world size
         if not self.learning_rate > 0:
             errs.append(_problem(f"{prefix}.learning_rate", f"must be > 0, got {self.learning_rate}"))
-        if self.weight_decay < 0:
-            errs.append(_problem(f"{prefix}.weight_decay", "must be >= 0"))
-        if self.lr_schedule not in LR_SCHEDULES:
-            errs.append(
-                _problem(
-                    f"{prefix}.lr_schedule",
-                    f"unknown '{self.lr_schedule}'; use one of {', '.join(LR_SCHEDULES)}",
-                )
-            )
-        if self.warmup_steps < 0:
-            errs.append(_problem(f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}"))
-        elif self.lr_schedule == "linear-warmup+cosine" and self.warmup_steps >= self.max_steps >= 1:
+        errs += _at_least(self, prefix, 0, "warmup_steps")
+        if self.lr_schedule == "linear-warmup+cosine" and self.warmup_steps >= self.max_steps >= 1:
             errs.append(
                 _problem(
                     f"{prefix}.warmup_steps",
@@ -539,34 +507,6 @@ class TrainingConfig:
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             errs.append(_problem(f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"))
-        if self.max_grad_norm < 0:
-            errs.append(_problem(f"{prefix}.max_grad_norm", "must be >= 0 (0 disables clipping)"))
-        if self.finetune_mode not in FINETUNE_MODES:
-            errs.append(
-                _problem(
-                    f"{prefix}.finetune_mode",
-                    f"unknown '{self.finetune_mode}'; use one of {', '.join(FINETUNE_MODES)} "
-                    "(LoRA/QLoRA: lora.enabled / lora.quantization)",
-                )
-            )
-        if self.num_val_frames < 0:
-            errs.append(_problem(f"{prefix}.num_val_frames", "must be >= 0"))
-        if self.val_every < 0:
-            errs.append(_problem(f"{prefix}.val_every", "must be >= 0 (0 = only at the end)"))
-        if self.checkpoint_every < 0:
-            errs.append(_problem(f"{prefix}.checkpoint_every", "must be >= 0 (0 = only at the end)"))
-        if self.keep_last_checkpoints < 1:
-            errs.append(
-                _problem(f"{prefix}.keep_last_checkpoints", f"must be >= 1, got {self.keep_last_checkpoints}")
-            )
-        if self.data_sharding not in ("episodes", "batch_slice"):
-            errs.append(
-                _problem(
-                    f"{prefix}.data_sharding", f"unknown '{self.data_sharding}'; use episodes or batch_slice"
-                )
-            )
-        if self.num_threads < 0:
-            errs.append(_problem(f"{prefix}.num_threads", "must be >= 0"))
         return errs
 
 
@@ -587,30 +527,18 @@ class DistributedConfig:
     timeout_s: int = 1800
 
     def validate(self, prefix: str = "distributed") -> list[str]:
-        errs = []
-        if self.strategy not in ("auto", "single", "ddp", "fsdp"):
-            errs.append(
-                _problem(f"{prefix}.strategy", f"unknown '{self.strategy}'; use auto, single, ddp or fsdp")
-            )
-        if self.fsdp_hybrid_replicas < 1:
-            errs.append(_problem(f"{prefix}.fsdp_hybrid_replicas", "must be >= 1 (1 = full shard)"))
-        elif self.fsdp_hybrid_replicas > 1 and self.strategy != "fsdp":
+        errs = _one_of(self, prefix, "strategy", ("auto", "single", "ddp", "fsdp"))
+        errs += _one_of(self, prefix, "mixed_precision", ("auto", "bf16", "fp32"))
+        errs += _one_of(self, prefix, "backend", ("auto", "nccl", "gloo"))
+        errs += _at_least(self, prefix, 1, "timeout_s", note="seconds")
+        errs += _at_least(self, prefix, 1, "fsdp_hybrid_replicas", note="1 = full shard")
+        if self.fsdp_hybrid_replicas > 1 and self.strategy != "fsdp":
             errs.append(
                 _problem(
                     f"{prefix}.fsdp_hybrid_replicas",
                     f"hybrid sharding is an FSDP mode; set distributed.strategy fsdp (got '{self.strategy}')",
                 )
             )
-        if self.mixed_precision not in ("auto", "bf16", "fp32"):
-            errs.append(
-                _problem(
-                    f"{prefix}.mixed_precision", f"unknown '{self.mixed_precision}'; use auto, bf16 or fp32"
-                )
-            )
-        if self.backend not in ("auto", "nccl", "gloo"):
-            errs.append(_problem(f"{prefix}.backend", f"unknown '{self.backend}'; use auto, nccl or gloo"))
-        if self.timeout_s < 1:
-            errs.append(_problem(f"{prefix}.timeout_s", "must be >= 1 second"))
         return errs
 
 
@@ -684,15 +612,8 @@ class LoggingConfig:
     progress_bar: bool = True
 
     def validate(self, prefix: str = "logging") -> list[str]:
-        errs = []
-        if self.wandb_mode not in ("disabled", "offline", "online"):
-            errs.append(
-                _problem(
-                    f"{prefix}.wandb_mode", f"unknown '{self.wandb_mode}'; use disabled, offline or online"
-                )
-            )
-        if self.log_every < 1:
-            errs.append(_problem(f"{prefix}.log_every", "must be >= 1"))
+        errs = _one_of(self, prefix, "wandb_mode", ("disabled", "offline", "online"))
+        errs += _at_least(self, prefix, 1, "log_every")
         if self.run_id and (os.sep in self.run_id or self.run_id in (".", "..")):
             errs.append(_problem(f"{prefix}.run_id", f"'{self.run_id}' must be a plain name, not a path"))
         problem = writable_dir_problem(self.output_dir)
@@ -742,8 +663,7 @@ class ExportConfig:
             errs.append(
                 _problem("run_dir", f"'{self.run_dir}' is not a vla-train run directory (no config.yaml)")
             )
-        if self.predict_samples < 0:
-            errs.append(_problem("predict_samples", "must be >= 0"))
+        errs += _at_least(self, "", 0, "predict_samples")
         if errs:
             raise ConfigError("invalid export config:\n  " + "\n  ".join(errs))
 
