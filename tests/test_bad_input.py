@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vla_test_utils import frame_spec
+from vla_test_utils import frame_spec, synthetic_copies
 from vla_train.config import DataConfig, SyntheticDataConfig
 from vla_train.data import rlds
 from vla_train.data.loader import FrameStream
@@ -21,22 +20,15 @@ from vla_train.data.rlds import DatasetError
 from vla_train.data.synthetic import DATASET_NAME
 from vla_train.data.validate import diagnose_read_error
 
-ENTRY = (
-    "    image_obs_keys: {{primary: image, secondary: null, wrist: null}}\n"
-    "    state_obs_keys: [{state}]\n"
-    "    state_encoding: POS_EULER\n"
-    "    action_encoding: EEF_POS\n"
-    "    standardize_fn: {fn}\n"
-)
-REGISTERED = {  # name: (state key, standardize_fn, extra YAML)
-    "bad_no_dir": ("state", "vla_synthetic", ""),
-    "bad_missing_key": ("joint_state", "vla_synthetic", ""),  # the episodes have 'state' only
-    "bad_action_dim": ("state", "vla_synthetic", "    action_dim: 8\n"),  # the episodes have 7
-    "bad_layout": ("state", "rt1", ""),  # rt1 reads dict actions and an observation instruction
-    "bad_empty": ("state", "vla_synthetic", ""),
-    "bad_nan": ("state", "vla_synthetic", ""),
-    "bad_jpeg": ("state", "vla_synthetic", ""),
-    "bad_tfrecord": ("state", "vla_synthetic", ""),
+REGISTERED = {  # registry entries (vla_test_utils.registry_yaml)
+    "bad_no_dir": "vla_synthetic",
+    "bad_missing_key": {"standardize_fn": "vla_synthetic", "state": "joint_state"},  # episodes: 'state'
+    "bad_action_dim": {"standardize_fn": "vla_synthetic", "action_dim": 8},  # the episodes have 7
+    "bad_layout": "rt1",  # rt1 reads dict actions and an observation instruction
+    "bad_empty": "vla_synthetic",
+    "bad_nan": "vla_synthetic",
+    "bad_jpeg": "vla_synthetic",
+    "bad_tfrecord": "vla_synthetic",
 }
 TFDS_ID = r"-(train|val)\.tfrecord-\d{5}-of-\d{5}__\d+"
 
@@ -108,26 +100,9 @@ def bad(small_synthetic, tmp_path_factory):
 
     src, _ = small_synthetic
     root = tmp_path_factory.mktemp("bad")
-    good = src / DATASET_NAME
-    shutil.copytree(good, root / DATASET_NAME)
-    for name in (
-        "bad_missing_key",
-        "bad_action_dim",
-        "bad_layout",
-        "bad_empty",
-        "bad_tfrecord",
-        "bad_unregistered",
-    ):
-        shutil.copytree(good, root / name)
-    registry = root / "registry.yaml"
-    registry.write_text(
-        "datasets:\n"
-        + "".join(
-            f"  {name}:\n" + ENTRY.format(state=state, fn=fn) + extra
-            for name, (state, fn, extra) in REGISTERED.items()
-        )
-    )
-    add_registry_files([registry])
+    copies = [DATASET_NAME, "bad_missing_key", "bad_action_dim", "bad_layout", "bad_empty", "bad_tfrecord"]
+    copies.append("bad_unregistered")  # a dataset on disk that no registry names
+    add_registry_files([synthetic_copies(src, root, copies, REGISTERED)])
 
     # empty: the train split lists no shards (tfds itself refuses to write an empty split)
     version = next((root / "bad_empty").iterdir())
@@ -350,7 +325,6 @@ def test_frames_carry_their_episode_id_through_the_transforms(bad):
     """Every frame names its episode (tfds id: file and record), with chunking, history, subsampling and
     goal relabeling on."""
     from vla_train.data.loader import _dataset_frames
-    from vla_train.data.transforms import EpisodeFilter
 
     root, _, _ = bad
     spec = _spec(
@@ -361,7 +335,7 @@ def test_frames_carry_their_episode_id_through_the_transforms(bad):
         subsample_length=2,
         goal_relabeling=True,
     )
-    frames = list(_dataset_frames(spec, DATASET_NAME, 0, 1, EpisodeFilter()).take(20).as_numpy_iterator())
+    frames = list(_dataset_frames(spec, DATASET_NAME, 0, 1, []).take(20).as_numpy_iterator())
     assert all(re.fullmatch(DATASET_NAME + TFDS_ID, f["episode_id"].decode()) for f in frames)
     assert frames[0]["action"].shape == (3, 7) and "image_primary" in frames[0]["task"]
     assert len({f["episode_id"] for f in frames}) > 1

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vla_test_utils import frame_spec, registry_yaml
+from vla_test_utils import frame_spec, registry_yaml, synthetic_copies
 from vla_train.data import rlds
 from vla_train.data.loader import FrameStream, normalize_batch
 from vla_train.data.mixture import allocate_threads, balance_weights, resolve_mixture
@@ -26,11 +26,12 @@ def two_datasets(small_synthetic, tmp_path_factory):
 
     src, _ = small_synthetic
     root = tmp_path_factory.mktemp("mix")
-    shutil.copytree(src / DATASET_NAME, root / DATASET_NAME)
-    shutil.copytree(src / DATASET_NAME, root / SECOND)
-    registry = root / "registry.yaml"
-    registry.write_text(
-        registry_yaml({SECOND: "vla_synthetic"}, {"syn_pair": [(DATASET_NAME, 3.0), (SECOND, 1.0)]})
+    registry = synthetic_copies(
+        src,
+        root,
+        [DATASET_NAME, SECOND],
+        {SECOND: "vla_synthetic"},
+        {"syn_pair": [(DATASET_NAME, 3.0), (SECOND, 1.0)]},
     )
     add_registry_files([registry])
     stats = {

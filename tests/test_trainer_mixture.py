@@ -7,14 +7,13 @@ chunked actions are tokenized in full with the steps past an episode's end left 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from test_model import TINY
 from test_trainer import run_in_process, tiny_args
 
-from vla_test_utils import registry_yaml
+from vla_test_utils import synthetic_copies
 from vla_train.data.synthetic import DATASET_NAME
 from vla_train.training.logging import read_metrics
 
@@ -42,11 +41,12 @@ def mixture_data(small_synthetic, tmp_path_factory):
 
     src, _ = small_synthetic
     root = tmp_path_factory.mktemp("mixdata")
-    shutil.copytree(src / DATASET_NAME, root / DATASET_NAME)
-    shutil.copytree(src / DATASET_NAME, root / SECOND)
-    registry = root / "registry.yaml"
-    registry.write_text(
-        registry_yaml({SECOND: f"{__name__}:tripled_motion"}, {MIXTURE: [(DATASET_NAME, 1.0), (SECOND, 1.0)]})
+    registry = synthetic_copies(
+        src,
+        root,
+        [DATASET_NAME, SECOND],
+        {SECOND: f"{__name__}:tripled_motion"},
+        {MIXTURE: [(DATASET_NAME, 1.0), (SECOND, 1.0)]},
     )
     yield root, registry
     reset_default_registry()

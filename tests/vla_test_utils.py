@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,24 +44,48 @@ def frame_spec(root, **overrides):
 
 
 def registry_yaml(
-    datasets: dict[str, str], mixtures: dict[str, list[tuple[str, float]]] | None = None, wrist: bool = False
+    datasets: dict[str, str | dict],
+    mixtures: dict[str, list[tuple[str, float]]] | None = None,
+    wrist: bool = False,
 ) -> str:
-    """A registry YAML text that registers copies of the synthetic dataset: {name: standardize_fn}, in the
+    """A registry YAML text that registers copies of the synthetic dataset: {name: standardize_fn} or
+    {name: {standardize_fn, state (the state key, default 'state'), action_dim (optional)}}, in the
     synthetic layout (primary camera `image`, and the same image as the wrist camera with wrist=True),
     plus {mixture: [(dataset, weight)]}."""
     lines = ["datasets:"]
-    for name, fn in datasets.items():
+    for name, entry in datasets.items():
+        entry = {"standardize_fn": entry} if isinstance(entry, str) else entry
         lines += [
             f"  {name}:",
             f"    image_obs_keys: {{primary: image, secondary: null, wrist: {'image' if wrist else 'null'}}}",
-            "    state_obs_keys: [state]",
+            f"    state_obs_keys: [{entry.get('state', 'state')}]",
             "    state_encoding: POS_EULER",
             "    action_encoding: EEF_POS",
-            f"    standardize_fn: {fn}",
+            f"    standardize_fn: {entry['standardize_fn']}",
         ]
+        if "action_dim" in entry:
+            lines.append(f"    action_dim: {entry['action_dim']}")
     if mixtures:
         lines.append("mixtures:")
         lines += [
             f"  {m}: {[[d, float(w)] for d, w in pairs]}".replace("'", "") for m, pairs in mixtures.items()
         ]
     return "\n".join(lines) + "\n"
+
+
+def synthetic_copies(
+    src_root: Path,
+    root: Path,
+    names: list[str],
+    datasets: dict[str, str | dict],
+    mixtures: dict[str, list[tuple[str, float]]] | None = None,
+) -> Path:
+    """Copies of the synthetic dataset under `src_root` into `root` under each of `names`, and
+    root/registry.yaml with registry_yaml(datasets, mixtures); returns the registry file."""
+    from vla_train.data.synthetic import DATASET_NAME
+
+    for name in names:
+        shutil.copytree(src_root / DATASET_NAME, root / name)
+    registry = root / "registry.yaml"
+    registry.write_text(registry_yaml(datasets, mixtures))
+    return registry

@@ -18,7 +18,7 @@ Two differences from running those ops one after the other, both deliberate:
 
 Why: in TensorFlow each op is a separate pass over the image in scalar code, and the frame transform
 cost ten times a JPEG decode; here both passes of the separable resampling are vectorized row
-operations (four taps at a time, with TF's ScaleAndTranslate weights) and the colour ops one pass over
+operations (four taps at a time, with TF's ScaleAndTranslate weights) and the colour ops work on
 planar pixels (scripts/bench_data.py measures the pipeline against a bare decode loop).
 """
 
@@ -160,21 +160,14 @@ def _resample_x(img, xs, xw, src_t, row, tmp_t):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _round_clip(flat):
-    """round(x) (half to even, as tf.round), clipped to [0, 255]; in place."""
+def _round_to_uint8(img, out):
+    """float32 [H, W * 3] -> uint8 [H, W, 3]: round(x) (half to even, as tf.round), clipped to [0, 255]."""
     magic = np.float32(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds to nearest even
-    for i in range(flat.size):
-        v = (flat[i] + magic) - magic
-        flat[i] = min(max(v, np.float32(0.0)), np.float32(255.0))
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _to_uint8(img, out):
-    """float32 [H, W * 3] of integral values in 0..255 -> uint8 [H, W, 3]."""
     src = img.reshape(-1)
     dst = out.reshape(-1)
     for i in range(src.shape[0]):
-        dst[i] = np.uint8(src[i])
+        v = (src[i] + magic) - magic
+        dst[i] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath=True)
@@ -309,8 +302,7 @@ def _resize_into(img, ys, yw, xs, xw, out, src_t, row, tmp_t, res):
     """The lanczos resize of one frame into out (uint8 [S, S, 3]); the rest is scratch."""
     _resample_x(img, xs, xw, src_t, row, tmp_t)
     _resample_rows(tmp_t, ys, yw, res)
-    _round_clip(res.reshape(-1))
-    _to_uint8(res, out)
+    _round_to_uint8(res, out)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

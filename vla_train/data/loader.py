@@ -110,6 +110,8 @@ class FrameCheck:
     def __call__(self, traj):
         import tensorflow as tf
 
+        from vla_train.data.validate import bad_data_message, first_string
+
         n = tf.shape(traj["action"])[0]
         ok = tf.ones([n], tf.bool)
         keys = [f"observation/image_{r}" for r in self.cameras]
@@ -122,20 +124,14 @@ class FrameCheck:
             # an empty string is a camera the dataset does not have (a black frame), not a corrupt one
             good = tf.logical_or(tf.equal(tf.strings.length(data), 0), _jpeg_markers_ok(data))
             if self.on_bad_data == "raise":
-                checks.append(
-                    tf.debugging.Assert(
-                        tf.reduce_all(good),
-                        [
-                            "corrupt JPEG (no start/end-of-image marker) in dataset",
-                            traj["dataset_name"][0],
-                            "episode",
-                            traj["episode_id"][0] if "episode_id" in traj else "?",
-                            "step",
-                            tf.argmin(tf.cast(good, tf.int32)),
-                            f"key {key}; set data.on_bad_data: skip to drop and count such frames",
-                        ],
-                    )
-                )
+                message = bad_data_message(
+                    "dataset '", first_string(traj["dataset_name"]), "': episode '",
+                    first_string(traj["episode_id"]), "' step ",
+                    tf.strings.as_string(tf.argmin(tf.cast(good, tf.int32))),
+                    f" has a corrupt JPEG (no start/end-of-image marker) in '{key}'; set "
+                    "data.on_bad_data=skip to drop and count such frames",
+                )  # fmt: skip
+                checks.append(tf.debugging.Assert(tf.reduce_all(good), [message]))
             ok = tf.logical_and(ok, good)
         with tf.control_dependencies(checks):
             dropped = tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.int64))
@@ -188,14 +184,13 @@ def _absolute_action_mask(dataset_name: str) -> list[bool] | None:
     return [not m for m in default_action_mask(spec.action_dim)]
 
 
-def _dataset_frames(
-    spec: StreamSpec, dataset_name: str, index: int, threads: int, episode_filter, frame_check=None
-):
-    """Frames (still encoded) of one dataset: filtered, transformed, checked, repeated when training."""
+def _dataset_frames(spec: StreamSpec, dataset_name: str, index: int, threads: int, filters: list):
+    """Frames (still encoded) of one dataset: filtered, transformed, checked, repeated when training.
+    `filters` receives the dataset's transforms.EpisodeFilter and FrameCheck (their `counts()`)."""
     import tensorflow as tf
 
     from vla_train.data.rlds import DatasetError, split_size
-    from vla_train.data.transforms import apply_trajectory_transforms
+    from vla_train.data.transforms import EpisodeFilter, apply_trajectory_transforms
 
     builder = open_builder(spec.data_root_dir, dataset_name)
     split = split_for(builder, spec.train)
@@ -221,9 +216,15 @@ def _dataset_frames(
     # beyond max_action / max_proprio are dropped too, and episodes with NaN/inf action or proprio raise or
     # are dropped (on_bad_data). episode_filter counts every drop; a training pass that keeps no episode
     # raises with those counts instead of ending the dataset's stream.
-    episode_filter.configure(
-        on_bad_data=spec.on_bad_data, episodes_per_pass=episodes if spec.train else 0, split=split
+    episode_filter = EpisodeFilter(
+        max_action=spec.max_action,
+        max_proprio=spec.max_proprio,
+        on_bad_data=spec.on_bad_data,
+        episodes_per_pass=episodes if spec.train else 0,
+        split=split,
     )
+    frame_check = FrameCheck(spec.cameras, spec.on_bad_data)
+    filters += [episode_filter, frame_check]
     ds = ds.filter(episode_filter)
     if spec.train:
         ds = ds.repeat()  # at episode level, so each pass draws new random transforms
@@ -249,10 +250,9 @@ def _dataset_frames(
             )
 
         ds = ds.enumerate().map(transform, num_parallel_calls=threads, deterministic=True)
-    if frame_check is not None:
-        # plain TF code: skipping autograph's conversion makes tracing (per dataset of a mixture) faster
-        check = tf.autograph.experimental.do_not_convert(frame_check)
-        ds = ds.map(check, num_parallel_calls=threads, deterministic=True)
+    # plain TF code: skipping autograph's conversion makes tracing (per dataset of a mixture) faster
+    check = tf.autograph.experimental.do_not_convert(frame_check)
+    ds = ds.map(check, num_parallel_calls=threads, deterministic=True)
     return ds.unbatch()  # frames (much cheaper than flat_map(from_tensor_slices))
 
 
@@ -271,8 +271,6 @@ def build_tf_dataset(spec: StreamSpec, num_transitions: dict[str, int], filters=
     """
     import tensorflow as tf
 
-    from vla_train.data.transforms import EpisodeFilter
-
     parallel = spec.num_parallel_calls or tf.data.AUTOTUNE
     mixture = spec.mixture()
     weighted = resolve_mixture(mixture, spec.balance_weights and len(mixture) > 1, num_transitions)
@@ -280,13 +278,11 @@ def build_tf_dataset(spec: StreamSpec, num_transitions: dict[str, int], filters=
         threads = allocate_threads(max(spec.num_parallel_calls, len(weighted)), [w for _, w in weighted])
     else:
         threads = [tf.data.AUTOTUNE] * len(weighted)
-    streams = []
-    for i, ((name, _), n) in enumerate(zip(weighted, threads, strict=True)):
-        episode_filter = EpisodeFilter(max_action=spec.max_action, max_proprio=spec.max_proprio)
-        check = FrameCheck(spec.cameras, spec.on_bad_data)
-        if filters is not None:
-            filters += [episode_filter, check]
-        streams.append(_dataset_frames(spec, name, i, n, episode_filter, check))
+    filters = [] if filters is None else filters
+    streams = [
+        _dataset_frames(spec, name, i, n, filters)
+        for i, ((name, _), n) in enumerate(zip(weighted, threads, strict=True))
+    ]
     streams = _uniform_frames(streams, [n for n, _ in weighted])
     if len(streams) == 1:
         ds = streams[0]
@@ -328,10 +324,10 @@ def build_tf_dataset(spec: StreamSpec, num_transitions: dict[str, int], filters=
             action=f["action"],
             proprio=f["observation"]["proprio"],
             dataset_name=f["dataset_name"],
+            episode_id=f["episode_id"],
         )
-        for key in ("action_pad_mask", "episode_id"):
-            if key in f:
-                out[key] = f[key]
+        if "action_pad_mask" in f:
+            out["action_pad_mask"] = f["action_pad_mask"]
         if "proprio_pad_mask" in f["observation"]:
             out["proprio_pad_mask"] = f["observation"]["proprio_pad_mask"]
         if "image_primary" in f["task"]:
@@ -482,9 +478,7 @@ class FrameStream:
                     pass
 
     def _produce(self, ds, ready: queue.Queue, stop: threading.Event) -> None:
-        import tensorflow as tf
-
-        from vla_train.data.validate import diagnose_read_error
+        from vla_train.data.validate import read_errors_named
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -496,15 +490,13 @@ class FrameStream:
             return False
 
         try:
-            for i, batch in enumerate(ds.as_numpy_iterator(), 1):
-                if not put(self._finish(batch)):
-                    return
-                if i % TRIM_EVERY_BATCHES == 0:
-                    release_freed_memory()
+            with read_errors_named(self.spec.data_root_dir, [d for d, _ in self.spec.mixture()]):
+                for i, batch in enumerate(ds.as_numpy_iterator(), 1):
+                    if not put(self._finish(batch)):
+                        return
+                    if i % TRIM_EVERY_BATCHES == 0:
+                        release_freed_memory()
             put(_END)
-        except tf.errors.OpError as e:
-            error = diagnose_read_error(self.spec.data_root_dir, [d for d, _ in self.spec.mixture()], e)
-            put(e if error is None else error)
         except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
             put(e)
 
@@ -537,12 +529,11 @@ class FrameStream:
             action_raw=batch["action"],
             proprio=batch["proprio"],
             dataset_name=names,
+            episode_id=[s.decode() for s in batch["episode_id"]],
         )
         for key, value in batch.items():
             if key not in out and key != "frame_index" and not key.endswith(("/raw", "/shape")):
                 out[key] = value  # pad masks, other cameras' masks
-        if "episode_id" in batch:
-            out["episode_id"] = [s.decode() for s in batch["episode_id"]]
         return out
 
     def drop_counts(self) -> dict[str, int]:

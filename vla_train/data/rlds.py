@@ -300,7 +300,7 @@ def get_statistics(
     """
     import logging
 
-    import tensorflow as tf
+    from vla_train.data.validate import read_errors_named
 
     spec = dataset_spec(dataset_name)
     builder = open_builder(data_root_dir, dataset_name)
@@ -319,14 +319,8 @@ def get_statistics(
             numeric_trajectories(builder, dataset_name), dataset_name, on_bad_data, skipped
         )
         try:
-            stats = statistics_from_trajectories(trajectories, mask)
-        except tf.errors.OpError as e:
-            from vla_train.data.validate import diagnose_read_error
-
-            error = diagnose_read_error(data_root_dir, dataset_name, e)
-            if error is None:
-                raise
-            raise error from None
+            with read_errors_named(data_root_dir, dataset_name):
+                stats = statistics_from_trajectories(trajectories, mask)
         except DatasetError:
             raise
         except ValueError as e:
@@ -347,24 +341,18 @@ def get_statistics(
 
 def collect_instructions(builder, split: str, limit: int = 100_000) -> list[str]:
     """Unique language instructions of a split (text only), to train a local tokenizer."""
-    import tensorflow as tf
     import tensorflow_datasets as tfds
+
+    from vla_train.data.validate import read_errors_named
 
     ds = builder.as_dataset(split=split, decoders={"steps": tfds.decode.SkipDecoding()}, shuffle_files=False)
     ds = ds.map(lambda ep: ep["steps"]["language_instruction"])
     seen: set[str] = set()
-    try:
+    directory = Path(builder.data_dir)  # <root>/<dataset>/<version>
+    with read_errors_named(directory.parent.parent, directory.parent.name):
         for arr in ds.as_numpy_iterator():
             seen.update(s.decode() for s in np.unique(arr))
             if len(seen) >= limit:
                 break
-    except tf.errors.OpError as e:
-        from vla_train.data.validate import diagnose_read_error
-
-        directory = Path(builder.data_dir)  # <root>/<dataset>/<version>
-        error = diagnose_read_error(directory.parent.parent, directory.parent.name, e)
-        if error is None:
-            raise
-        raise error from None
     seen.discard("")
     return sorted(seen)

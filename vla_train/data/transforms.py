@@ -4,7 +4,8 @@
      task: {language_instruction: string[T]}, action: float32[T, A], dataset_name: string[T],
      episode_id: string[T]}
 
-Every function (chunking, subsampling and goal relabeling keep every [T] key, episode_id included) here is built from TensorFlow graph ops and can be used in `ds.filter` / `ds.map`.
+Every function here is built from TensorFlow graph ops and can be used in `ds.filter` / `ds.map`;
+chunking, subsampling and goal relabeling keep every [T] key, episode_id included.
 
 - Filters (`EpisodeFilter`): drop episodes without a language instruction, and (when a bound is set)
   episodes with any |action| > max_action or |proprio| > max_proprio, as OpenVLA's `max_action` /
@@ -79,8 +80,8 @@ class EpisodeFilter:
     episode and the key; `validate.diagnose_read_error` turns it into a DatasetError); "skip" drops it and
     counts it under `non_finite`. episodes_per_pass > 0: the number of episodes one pass over the input
     holds; when that many have been seen and none kept, the pipeline fails with the drop counts (a training
-    stream repeats its episodes, so it would otherwise read nothing from the dataset). `configure` sets
-    these after construction (before the filter is used in a pipeline).
+    stream repeats its episodes, so it would otherwise read nothing from the dataset); split names the
+    split in that message.
 
     The counts live in tf.Variables updated by the filter as the pipeline runs; read them with
     `counts()` (the reasons this filter checks). With a repeated dataset they keep growing (one count per
@@ -104,13 +105,6 @@ class EpisodeFilter:
         self._counters = {r: tf.Variable(0, dtype=tf.int64, trainable=False) for r in DROP_REASONS}
         self._seen = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._kept = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.configure(on_bad_data=on_bad_data, episodes_per_pass=episodes_per_pass, split=split)
-
-    def configure(
-        self, *, on_bad_data: str | None = None, episodes_per_pass: int = 0, split: str = ""
-    ) -> None:
-        """Turn on the NaN/inf check (on_bad_data) and the every-episode-dropped check (episodes_per_pass,
-        with the split's name for the message)."""
         if on_bad_data is not None and on_bad_data not in ON_BAD_DATA:
             raise ValueError(f"on_bad_data must be one of {ON_BAD_DATA} or None, got {on_bad_data!r}")
         self.on_bad_data = on_bad_data

@@ -14,14 +14,9 @@ Two kinds of failure surface only while a pipeline runs, as TensorFlow errors:
 
 Use (around any iteration of a tf.data pipeline over these datasets):
 
-    try:
+    with read_errors_named(data_root_dir, dataset_names):
         for batch in ds.as_numpy_iterator():
             ...
-    except tf.errors.OpError as e:
-        error = diagnose_read_error(data_root_dir, dataset_names, e)
-        if error is None:
-            raise
-        raise error from e
 
 Structural problems (missing directory, unknown name, missing key, wrong action dimension, empty split)
 are found before any data flows and raise `DatasetError` directly (rlds.py).
@@ -29,8 +24,9 @@ are found before any data flows and raise `DatasetError` directly (rlds.py).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,23 +61,12 @@ def first_string(x, default: str = "?"):
     return tf.strings.reduce_join(tf.concat([x[:1], tf.constant([default])], 0)[:1])
 
 
-_ASSERTION = re.compile(r"assertion failed: ((?:\[(?!\[\{\{node)[^\]]*\]\s*)+)")
-
-
 def tagged_message(text: str) -> str | None:
-    """The message of a failed `bad_data_message` assertion inside a TensorFlow error text, or None.
-
-    Also accepts any failed `tf.debugging.Assert` whose data mention a dataset (a check of this package
-    that did not use bad_data_message): its data items, joined by spaces."""
+    """The message of a failed `bad_data_message` assertion inside a TensorFlow error text, or None."""
     m = _TAGGED.search(text)
-    if m is not None:
-        found = m.group(1)
-    else:
-        m = _ASSERTION.search(text)
-        if m is None or "dataset" not in m.group(1):
-            return None
-        found = " ".join(item.strip() for item in re.findall(r"\[([^\]]*)\]", m.group(1)))
-    return found.replace("\\'", "'").replace('\\"', '"')
+    if m is None:
+        return None
+    return m.group(1).replace("\\'", "'").replace('\\"', '"')
 
 
 def non_finite_key(action: np.ndarray, proprio: np.ndarray) -> str | None:
@@ -100,20 +85,18 @@ def tfrecord_files(data_root_dir: str | Path, dataset_name: str) -> list[Path]:
     return sorted(p for p in version_dir(data_root_dir, dataset_name).iterdir() if ".tfrecord" in p.name)
 
 
-def scan_tfrecords(files: Iterable[Path], stop_at_first: bool = True) -> list[tuple[Path, str]]:
-    """(file, TensorFlow's complaint) for each file whose records cannot all be read (bad CRC, truncated)."""
+def first_unreadable(files: Iterable[Path]) -> tuple[Path, str] | None:
+    """(file, TensorFlow's complaint) of the first file whose records cannot all be read (bad CRC,
+    truncated), or None."""
     import tensorflow as tf
 
-    bad = []
     for path in files:
         try:
             for _ in tf.data.TFRecordDataset(str(path), buffer_size=1 << 20):
                 pass
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as e:
-            bad.append((path, _short(e.message)))
-            if stop_at_first:
-                break
-    return bad
+            return path, _short(e.message)
+    return None
 
 
 def _short(message: str) -> str:
@@ -166,9 +149,9 @@ def diagnose_read_error(
             files = tfrecord_files(data_root_dir, name)
         except DatasetError:
             continue
-        bad = scan_tfrecords(files)
+        bad = first_unreadable(files)
         if bad:
-            path, why = bad[0]
+            path, why = bad
             return DatasetError(
                 f"dataset '{name}': file {path} is corrupt ({why}); re-download the dataset or rebuild it "
                 f"(delete {path.parent} and run its tfds builder again)"
@@ -180,13 +163,29 @@ def diagnose_read_error(
     )
 
 
+@contextlib.contextmanager
+def read_errors_named(data_root_dir: str | Path, dataset_names: str | Sequence[str]) -> Iterator[None]:
+    """Around an iteration over `dataset_names`: a TensorFlow error about the data becomes the DatasetError
+    of `diagnose_read_error`; any other error passes unchanged."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.OpError as e:
+        error = diagnose_read_error(data_root_dir, dataset_names, e)
+        if error is None:
+            raise
+        raise error from None
+
+
 __all__ = [
     "SKIP_HINT",
     "bad_data_message",
     "diagnose_read_error",
     "first_string",
+    "first_unreadable",
     "non_finite_key",
-    "scan_tfrecords",
+    "read_errors_named",
     "tagged_message",
     "tfrecord_files",
 ]

@@ -351,7 +351,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
             build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic)
         norm_stats = run_statistics(cfg)
     norm_stats = broadcast_object(norm_stats if ctx.is_main else None, ctx)  # computed once, on rank 0
-    statistics = norm_stats
     if ctx.is_main:
         (run_dir / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
 
@@ -402,7 +401,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
             say(f"  {note}")
     stream = FrameStream(
         stream_spec(cfg, image_size, True, plan.stream_batch, data_seed, plan.num_shards, plan.shard_index),
-        statistics,
+        norm_stats,
     )
     if skip:
         stream.load_state_dict({"num_batches_yielded": skip, "seed": data_seed})
@@ -439,7 +438,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
         weights = resolve_mixture(
             cfg.data.datasets(),
             cfg.data.balance_weights,
-            {name: s["num_transitions"] for name, s in statistics.items()},
+            {name: s["num_transitions"] for name, s in norm_stats.items()},
         )
         say(
             f"data: mixture '{cfg.data.mixture}' of {len(weights)} datasets, sampling weights "
@@ -476,7 +475,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
                     # FSDP average gradients over ranks, hence the world size factor.
                     (out.loss * (n_tok[i] * ctx.world_size / n_tok_global)).backward()
                 # per-dataset sums (an extra cross-entropy) only when the run reads several datasets
-                names = b["dataset_name"] if len(statistics) > 1 else None
+                names = b["dataset_name"] if len(norm_stats) > 1 else None
                 accumulate(sums, action_metrics(out, processor.action_tokenizer, names))
                 sums["frames"] = sums.get("frames", 0) + len(b["instruction"])
                 sums["tokens"] = (
@@ -510,7 +509,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
                 )
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             if t.val_every and step % t.val_every == 0 and step < t.max_steps:
-                logger.log(step, validate(vla, processor, cfg, statistics, image_size, ctx, plan.micro_batch))
+                logger.log(step, validate(vla, processor, cfg, norm_stats, image_size, ctx, plan.micro_batch))
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 ckpt = checkpoint()
                 last_saved = step
@@ -518,7 +517,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
             ckpt = checkpoint() if last_saved != step else ckpt
             say(f"stopped by {preempted} at step {step}; checkpoint {ckpt}; relaunch to resume")
             return {"step": step, "run_dir": str(run_dir), "checkpoint": str(ckpt), "preempted": preempted}
-        val = validate(vla, processor, cfg, statistics, image_size, ctx, plan.micro_batch)
+        val = validate(vla, processor, cfg, norm_stats, image_size, ctx, plan.micro_batch)
         if val:
             logger.log(step, val)
     finally:
