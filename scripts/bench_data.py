@@ -22,7 +22,7 @@ from pathlib import Path
 
 from markdown_table import add_table_row
 
-from vla_train.config import SyntheticDataConfig
+from vla_train.config import DataConfig, SyntheticDataConfig
 
 
 def rss_mb() -> float:
@@ -108,9 +108,9 @@ def main() -> None:
     args = ap.parse_args()
     cores = os.cpu_count() or 1
 
-    from vla_train.data.loader import FrameStream, StreamSpec
     from vla_train.data.registry import add_registry_files
     from vla_train.data.rlds import get_statistics
+    from vla_train.data.stream import FrameStream, StreamSpec
     from vla_train.data.synthetic import DATASET_NAME, build_synthetic_dataset
 
     work = Path(args.workdir)
@@ -136,10 +136,11 @@ def main() -> None:
     decode = decode_only_fps(big, DATASET_NAME, args.decode_seconds, args.batch)
     print(f"decode-only: {decode:.1f} frames/s ({decode / cores:.1f} per core)", flush=True)
 
-    spec = StreamSpec(
-        data_root_dir=str(big), dataset_name=DATASET_NAME, image_size=224, batch_size=args.batch, seed=0,
-        train=True, shuffle_buffer_size=10000, image_augmentation=True, ram_budget_gb=args.ram_budget_gb,
+    data = DataConfig(
+        data_root_dir=str(big), dataset_name=DATASET_NAME, shuffle_buffer_size=10000, image_augmentation=True,
+        ram_budget_gb=args.ram_budget_gb,
     )  # fmt: skip
+    spec = StreamSpec(data, ((DATASET_NAME, 1.0),), image_size=224, batch_size=args.batch, seed=0, train=True)
     samples: list[tuple[float, float]] = []
     start = time.perf_counter()
     stop = threading.Event()
@@ -182,10 +183,10 @@ def main() -> None:
     add_registry_files([mix_root / "registry.yaml"])
     mix_stats = {n: get_statistics(str(mix_root), n) for n in names}  # cached from here on
     t0 = time.perf_counter()
+    mix_data = DataConfig(data_root_dir=str(mix_root), dataset_name=names[0], shuffle_buffer_size=10000)
     mix_spec = StreamSpec(
-        data_root_dir=str(mix_root), dataset_name=names[0], image_size=224, batch_size=args.batch, seed=0,
-        train=True, shuffle_buffer_size=10000, datasets=[(n, 1.0) for n in names],
-    )  # fmt: skip
+        mix_data, tuple((n, 1.0) for n in names), image_size=224, batch_size=args.batch, seed=0, train=True
+    )
     next(iter(FrameStream(mix_spec, mix_stats)))
     first_batch = time.perf_counter() - t0
     print(f"25-dataset mixture: first batch after {first_batch:.1f} s", flush=True)

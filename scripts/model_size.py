@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from vla_train.config import TrainConfig, parse_config
+from vla_train.config import TrainConfig
+from vla_train.config_cli import parse_config
 from vla_train.models.load import vla_config_from
 from vla_train.models.tokenizer import build_local_tokenizer
 from vla_train.models.vla import VLA, openvla_unused_parameters

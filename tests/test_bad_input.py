@@ -15,10 +15,9 @@ import pytest
 from vla_test_utils import frame_spec, synthetic_copies
 from vla_train.config import DataConfig, SyntheticDataConfig
 from vla_train.data import rlds
-from vla_train.data.loader import FrameStream
-from vla_train.data.rlds import DatasetError
+from vla_train.data.errors import DatasetError, diagnose_read_error
+from vla_train.data.stream import FrameStream
 from vla_train.data.synthetic import DATASET_NAME
-from vla_train.data.validate import diagnose_read_error
 
 REGISTERED = {  # registry entries (vla_test_utils.registry_yaml)
     "bad_no_dir": "vla_synthetic",
@@ -142,7 +141,7 @@ def _spec(root, name, **kw):
 
 def stream_error(spec, stats, batches: int = 30) -> DatasetError:
     """The DatasetError a FrameStream raises within `batches` batches (FrameStream converts the
-    TensorFlow error of a failed check with validate.diagnose_read_error)."""
+    TensorFlow error of a failed check with errors.diagnose_read_error)."""
     with pytest.raises(DatasetError) as info:
         for _, _batch in zip(range(batches), FrameStream(spec, stats), strict=False):
             pass
@@ -324,7 +323,7 @@ def test_diagnose_leaves_other_errors_alone():
 def test_frames_carry_their_episode_id_through_the_transforms(bad):
     """Every frame names its episode (tfds id: file and record), with chunking, history, subsampling and
     goal relabeling on."""
-    from vla_train.data.loader import _dataset_frames
+    from vla_train.data.pipeline import _dataset_frames
 
     root, _, _ = bad
     spec = _spec(

@@ -15,23 +15,33 @@ from pathlib import Path
 from test_trainer import tiny_args
 
 from vla_test_utils import REPO, run_cli
-from vla_train.training.checkpoint import (
-    SLEEP_SECONDS_ENV,
-    SLEEP_STEP_ENV,
-    checkpoint_dirs,
-    latest_checkpoint,
-    load_checkpoint,
-)
+from vla_train.training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
 from vla_train.training.logging import read_metrics
 
 CODE = "import sys; from vla_train.cli import train_main; train_main(sys.argv[1:])"
+# The trainer with its checkpoint commit stalled at one step (the step directory name is the first
+# argument): every file of that checkpoint is written, then the commit (the rename) waits, so the test
+# can kill the run in the middle of a checkpoint write.
+STALLED_COMMIT = """
+import sys, time
+from vla_train.cli import train_main
+from vla_train.training import checkpoint
+
+stalled_at, commit = sys.argv[1], checkpoint.commit
+def stalled_commit(tmp, final):
+    if final.name == stalled_at:
+        time.sleep(600)
+    commit(tmp, final)
+checkpoint.commit = stalled_commit
+train_main(sys.argv[2:])
+"""
 
 
-def start(args: list[str], **env: str) -> subprocess.Popen:
+def start(args: list[str], code: str = CODE) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", CODE, *args],
+        [sys.executable, "-c", code, *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -65,9 +75,9 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(small
     )
     run_dir = tmp_path / "run"
     tmp_write = run_dir / "checkpoints" / ".tmp_step_00000004"
-    proc = start(args, **{SLEEP_STEP_ENV: "4", SLEEP_SECONDS_ENV: "600"})
+    proc = start(["step_00000004", *args], code=STALLED_COMMIT)
     try:
-        # the hook sleeps after every file of step 4 is written, before the commit (the rename)
+        # the commit of step 4 waits after every file is written, before the rename
         wait_for(lambda: (tmp_write / "state.json").is_file(), proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

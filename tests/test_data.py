@@ -10,7 +10,7 @@ import pytest
 from vla_test_utils import frame_spec
 from vla_train.config import SyntheticDataConfig
 from vla_train.data import rlds
-from vla_train.data.loader import FrameStream
+from vla_train.data.stream import FrameStream
 from vla_train.data.synthetic import DATASET_NAME, Block, generate_episode, target_action
 
 
@@ -140,6 +140,7 @@ def test_own_dataset_needs_only_a_registry_yaml(small_synthetic, tmp_path):
     import shutil
 
     from vla_train.config import DataConfig
+    from vla_train.data.mixture import run_datasets
     from vla_train.data.registry import reset_default_registry
 
     root, _ = small_synthetic
@@ -158,9 +159,10 @@ def test_own_dataset_needs_only_a_registry_yaml(small_synthetic, tmp_path):
     assert any("data.dataset_name" in e and "my_robot" in e for e in bad.validate())
     cfg = DataConfig(data_root_dir=str(tmp_path), dataset_name="my_robot", registry_files=[str(registry)])
     assert cfg.validate() == []
-    stats = rlds.get_statistics(str(tmp_path), "my_robot", str(tmp_path / "stats"))
     try:
+        assert run_datasets(cfg) == (("my_robot", 1.0),)  # where a run starts: registers registry_files
+        stats = rlds.get_statistics(str(tmp_path), "my_robot", str(tmp_path / "stats"))
         batch = next(iter(FrameStream(spec(tmp_path, dataset_name="my_robot"), stats)))
         assert batch["dataset_name"][0] == "my_robot" and batch["image"].shape == (8, 16, 16, 3)
     finally:
-        reset_default_registry()  # validate() registered my_registry.yaml process-wide
+        reset_default_registry()  # run_datasets registered my_registry.yaml process-wide

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     """The demo's synthetic dataset (configs/demo.yaml's data.synthetic), built once for this module."""
-    from vla_train.config import TrainConfig, parse_config
+    from vla_train.config import TrainConfig
+    from vla_train.config_cli import parse_config
     from vla_train.data.synthetic import build_synthetic_dataset
 
     demo = parse_config(TrainConfig, ["--config_path", str(REPO / "configs/demo.yaml")], validate=False)

@@ -72,6 +72,18 @@ def test_augmentation_parameters_cover_openvla_ranges():
     assert np.abs(corr - np.eye(6)).max() < 0.2
 
 
+def test_each_streams_frames_get_their_own_augmentation():
+    """The ranks of a job count their frames from 0 each: frame k of rank 1 must not get rank 0's crop.
+    Stream 0 keeps the parameters of a single stream."""
+    frames = np.arange(400)
+    rank0, rank1 = augment_params(7, frames, stream=0), augment_params(7, frames, stream=1)
+    assert np.array_equal(rank0, augment_params(7, frames))
+    assert not np.isclose(rank0, rank1).all(axis=1).any()  # no frame shares its parameters
+    assert not np.allclose(augment_params(7, frames, stream=2), rank1)
+    corr = np.corrcoef(rank0[:, 0], rank1[:, 0])[0, 1]
+    assert abs(corr) < 0.2
+
+
 def test_identity_parameters_leave_colours_unchanged():
     """Neutral jitter (0 brightness, contrast/saturation 1, hue 0) leaves a flat colour as it is (the crop
     geometry is covered by test_augmentation_matches_tf_ops)."""

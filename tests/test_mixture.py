@@ -10,9 +10,9 @@ import pytest
 
 from vla_test_utils import frame_spec, registry_yaml, synthetic_copies
 from vla_train.data import rlds
-from vla_train.data.loader import FrameStream, normalize_batch
 from vla_train.data.mixture import allocate_threads, balance_weights, resolve_mixture
 from vla_train.data.normalize import normalize
+from vla_train.data.stream import FrameStream, normalize_batch
 from vla_train.data.synthetic import DATASET_NAME
 
 SECOND = "syn_b"
@@ -140,9 +140,11 @@ def test_data_config_mixture_fields(two_datasets):
     from vla_train.config import DataConfig
 
     root, registry, _ = two_datasets
+    from vla_train.data.mixture import run_datasets
+
     ok = DataConfig(data_root_dir=str(root), mixture="syn_pair", registry_files=[str(registry)])
-    assert ok.validate() == [] and ok.datasets() == [(DATASET_NAME, 3.0), (SECOND, 1.0)]
-    assert DataConfig(data_root_dir=str(root)).datasets() == [(DATASET_NAME, 1.0)]
+    assert ok.validate() == [] and run_datasets(ok) == ((DATASET_NAME, 3.0), (SECOND, 1.0))
+    assert run_datasets(DataConfig(data_root_dir=str(root))) == ((DATASET_NAME, 1.0),)
     typo = DataConfig(data_root_dir=str(root), mixture="syn_pari", registry_files=[str(registry)])
     errs = typo.validate()
     assert any(e.startswith("data.mixture") and "syn_pair" in e for e in errs)
@@ -232,15 +234,21 @@ def test_cameras_absent_from_a_dataset_are_black_and_masked(two_datasets, tmp_pa
 
 
 def test_memory_plan_sizes_shuffle_buffer_and_prefetch():
-    from vla_train.data.loader import memory_plan
+    from vla_train.data.pipeline import memory_plan
 
-    s = frame_spec("/nowhere", image_size=224, batch_size=32, shuffle_buffer_size=100_000)
-    assert memory_plan(s, 20_000)["shuffle_buffer_size"] == 100_000  # no budget: as configured
-    s.ram_budget_gb = 1.0
-    plan = memory_plan(s, 20_000)
+    def s(ram_budget_gb):
+        return frame_spec(
+            "/nowhere",
+            image_size=224,
+            batch_size=32,
+            shuffle_buffer_size=100_000,
+            ram_budget_gb=ram_budget_gb,
+        )
+
+    assert memory_plan(s(0.0), 20_000)["shuffle_buffer_size"] == 100_000  # no budget: as configured
+    plan = memory_plan(s(1.0), 20_000)
     # 70% of 1 GiB over 1.5 x 20 kB per encoded frame
     assert plan["shuffle_buffer_size"] == int(0.7 * 1024**3 / 30_000)
     assert plan["autotune_ram_bytes"] == int(0.2 * 1024**3)
     assert 1 <= plan["prefetch"] <= 4
-    s.ram_budget_gb = 64.0
-    assert memory_plan(s, 20_000)["shuffle_buffer_size"] == 100_000  # the budget only caps it
+    assert memory_plan(s(64.0), 20_000)["shuffle_buffer_size"] == 100_000  # the budget only caps it

@@ -110,7 +110,8 @@ def test_save_load_round_trip_is_identical(built, tmp_path):
 
 def _preset_model_on_meta(preset: str):
     from vla_test_utils import REPO
-    from vla_train.config import TrainConfig, parse_config
+    from vla_train.config import TrainConfig
+    from vla_train.config_cli import parse_config
     from vla_train.models.load import vla_config_from
     from vla_train.models.tokenizer import build_local_tokenizer
     from vla_train.models.vla import VLA

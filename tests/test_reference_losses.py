@@ -35,7 +35,8 @@ def machine() -> dict[str, str]:
 
 
 def recipe_losses(work: Path) -> list[float]:
-    from vla_train.config import TrainConfig, parse_config
+    from vla_train.config import TrainConfig
+    from vla_train.config_cli import parse_config
     from vla_train.training.logging import read_metrics
     from vla_train.training.trainer import train
 

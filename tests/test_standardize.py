@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from raw_synthetic import RAW_LAYOUTS, generate_raw_episode, write_raw_synthetic
 
-from vla_train.data.raw_synthetic import RAW_LAYOUTS, generate_raw_episode, write_raw_synthetic
 from vla_train.data.registry import DatasetSpec, load_registry
 from vla_train.data.standardize import (
     STANDARDIZE_FNS,

@@ -15,7 +15,8 @@ import torch
 from test_model import TINY
 
 from vla_test_utils import run_cli
-from vla_train.config import ConfigError, ModelConfig, TrainConfig, TrainingConfig, parse_config
+from vla_train.config import ConfigError, ModelConfig, TrainConfig, TrainingConfig
+from vla_train.config_cli import parse_config
 from vla_train.training.logging import read_metrics
 
 
@@ -129,7 +130,7 @@ def test_cli_rejects_a_launch_before_starting_a_process_group(tmp_path):
 
 
 def test_lr_schedules():
-    from vla_train.training.trainer import lr_factor
+    from vla_train.training.optim import lr_factor
 
     t = TrainingConfig(max_steps=10, warmup_steps=2, lr_schedule="linear-warmup+cosine", min_lr_ratio=0.1)
     f = [lr_factor(s, t) for s in range(11)]
@@ -345,3 +346,36 @@ def test_single_process_resume_is_bitwise_exact(small_synthetic, tmp_path):
     assert sorted(part) == list(range(11, 21))
     assert [full[s] for s in part] == [part[s] for s in part]  # bitwise
     assert np.isfinite(list(part.values())).all()
+
+
+def test_validation_sees_images_as_the_exported_policy_does(small_synthetic, tmp_path):
+    """A model trained with image augmentation is validated with the preprocessing its export carries
+    (OpenVLA's centre crop of the augmentation's area): validating the exported directory reproduces the
+    run's last validation line, and without the crop it would not."""
+    import dataclasses as dc
+
+    from vla_train.config import ExportConfig
+    from vla_train.data.mixture import run_datasets
+    from vla_train.export import export_run, load_run_config
+    from vla_train.models.load import load_model_dir
+    from vla_train.runs import stream_spec
+    from vla_train.training.distributed import DistContext
+    from vla_train.training.evaluate import validate
+
+    root, _ = small_synthetic
+    common = ["--lora.enabled", "false", "--training.max_steps", "2", "--data.image_augmentation", "true"]
+    run_in_process(tiny_args(root, tmp_path, "aug", *common))
+    out = export_run(ExportConfig(run_dir=str(tmp_path / "aug")))
+    model, processor = load_model_dir(out)
+    assert processor.settings.center_crop_area == 0.9
+    cfg = load_run_config(tmp_path / "aug")
+    stats = json.loads((tmp_path / "aug" / "dataset_statistics.json").read_text())
+    spec = stream_spec(cfg, run_datasets(cfg.data), TINY.image_size, train=False, batch_size=8)
+    one = DistContext(0, 1, 0, torch.device("cpu"), "single", "fp32", None, False)
+    val = validate(model, processor, spec, stats, cfg.training.num_val_frames, one)
+    logged = [m for m in read_metrics(tmp_path / "aug") if "val/loss" in m][-1]
+    for key in ("val/loss", "val/action_token_accuracy", "val/generated_action_token_accuracy"):
+        assert val[key] == logged[key], key  # the same weights, images and threads: bitwise
+    processor.settings = dc.replace(processor.settings, center_crop_area=1.0)
+    uncropped = validate(model, processor, spec, stats, cfg.training.num_val_frames, one)
+    assert uncropped["val/loss"] != logged["val/loss"]

@@ -76,43 +76,39 @@ def mixture_run(mixture_data, tmp_path_factory):
     return root, out / "mix"
 
 
-def test_stream_spec_carries_every_data_field(mixture_data, tmp_path):
-    from vla_train.config import TrainConfig, parse_config
-    from vla_train.training.trainer import stream_spec
+def test_stream_spec_holds_the_data_config_and_the_resolved_datasets(mixture_data, tmp_path):
+    """One data spec: a run's streams hold its DataConfig itself (every field, as configured), the
+    datasets resolved once from data.mixture / data.dataset_name, and the run-time fields; the
+    train-only transforms are off in the validation stream."""
+    from vla_train.config import TrainConfig
+    from vla_train.config_cli import parse_config
+    from vla_train.data.mixture import run_datasets
+    from vla_train.runs import stream_spec
 
     root, registry = mixture_data
     data = {
         "mixture": MIXTURE,
         "registry_files": f"[{registry}]",
         "balance_weights": "true",
-        "stats_cache_dir": str(tmp_path / "stats"),
-        "future_action_window_size": "3",
-        "window_size": "2",
-        "max_action": "5.0",
-        "max_proprio": "7.0",
         "subsample_length": "4",
-        "goal_relabeling": "true",
         "ram_budget_gb": "1.5",
-        "on_bad_data": "skip",
         "image_augmentation": "true",
     }
     args = ["--data.data_root_dir", str(root), "--logging.output_dir", str(tmp_path)]
     for k, v in data.items():
         args += [f"--data.{k}", v]
     cfg = parse_config(TrainConfig, args)
-    train = stream_spec(cfg, 32, train=True, batch_size=4, seed=3, num_shards=2, shard_index=1)
-    assert train.mixture() == [(DATASET_NAME, 1.0), (SECOND, 1.0)]
+    datasets = run_datasets(cfg.data)
+    assert datasets == ((DATASET_NAME, 1.0), (SECOND, 1.0))
+    train = stream_spec(cfg, datasets, 32, train=True, batch_size=4, seed=3, num_shards=2, shard_index=1)
+    assert train.data is cfg.data and train.datasets == datasets
     assert (train.batch_size, train.seed, train.num_shards, train.shard_index) == (4, 3, 2, 1)
-    assert train.balance_weights
-    assert (train.future_action_window_size, train.window_size) == (3, 2)
-    assert (train.max_action, train.max_proprio, train.subsample_length) == (5.0, 7.0, 4)
-    assert train.goal_relabeling and train.image_augmentation
-    assert (train.cameras, train.ram_budget_gb, train.on_bad_data) == (["primary"], 1.5, "skip")
-    val = stream_spec(cfg, 32, train=False)
-    assert val.mixture() == train.mixture() and val.future_action_window_size == 3
-    assert val.subsample_length == 0 and not val.image_augmentation  # train-only transforms
-    single = stream_spec(parse_config(TrainConfig, args[:4]), 32, train=True)
-    assert single.datasets == [] and single.mixture() == [(DATASET_NAME, 1.0)]
+    assert train.subsample_length == 4 and train.augment and train.data.ram_budget_gb == 1.5
+    val = stream_spec(cfg, datasets, 32, train=False)
+    assert val.subsample_length == 0 and not val.augment  # train-only transforms
+    assert (val.batch_size, val.seed) == (cfg.training.batch_size, cfg.training.seed)
+    single = parse_config(TrainConfig, args[:4])
+    assert run_datasets(single.data) == ((DATASET_NAME, 1.0),)
 
 
 def test_mixture_run_has_per_dataset_statistics_and_metrics(mixture_run):
@@ -205,12 +201,14 @@ def test_vla_stats_on_a_mixture(mixture_data, tmp_path, capsys):
 def test_chunked_actions_train_with_padded_steps_out_of_the_loss(mixture_data, tmp_path, capsys):
     """future_action_window_size 2: every frame supervises its 3 x 7 chunk tokens + EOS, except the
     steps past the episode end; training, validation and the export run."""
-    from vla_train.config import ExportConfig, TrainConfig, parse_config
-    from vla_train.data.loader import FrameStream
+    from vla_train.config import ExportConfig, TrainConfig
+    from vla_train.config_cli import parse_config
+    from vla_train.data.mixture import run_datasets
+    from vla_train.data.stream import FrameStream
     from vla_train.export import export_run
     from vla_train.models.load import load_model_dir
     from vla_train.models.prompting import IGNORE_INDEX
-    from vla_train.training.trainer import model_inputs, stream_spec
+    from vla_train.runs import model_inputs, stream_spec
 
     root, _ = mixture_data
     chunk = ["--data.future_action_window_size", "2", "--lora.rank", "4"]
@@ -221,7 +219,8 @@ def test_chunked_actions_train_with_padded_steps_out_of_the_loss(mixture_data, t
     run_dir = tmp_path / "chunk"
     stats = json.loads((run_dir / "dataset_statistics.json").read_text())
     _, processor = load_model_dir(run_dir / "base_model")
-    spec = stream_spec(parse_config(TrainConfig, args), TINY.image_size, train=True, batch_size=16)
+    cfg = parse_config(TrainConfig, args)
+    spec = stream_spec(cfg, run_datasets(cfg.data), TINY.image_size, train=True, batch_size=16)
     batch = next(iter(FrameStream(spec, stats)))
     pad = batch["action_pad_mask"]
     assert batch["action"].shape == (16, 3, 7) and (~pad).any()  # 4-step episodes: chunks run past the end

@@ -27,20 +27,25 @@ def run_cli(
 
 
 def frame_spec(root, **overrides):
-    """A small training StreamSpec over the synthetic dataset under `root` (16 px frames, batch 8)."""
-    from vla_train.data.loader import StreamSpec
+    """A small training StreamSpec over the synthetic dataset under `root` (16 px frames, batch 8).
+
+    `overrides` may set StreamSpec's run-time fields (image_size, batch_size, seed, train, num_shards,
+    shard_index), `datasets` ([(name, weight)]; default: data.dataset_name alone) and any DataConfig field.
+    """
+    import dataclasses
+
+    from vla_train.config import DataConfig
+    from vla_train.data.stream import StreamSpec
     from vla_train.data.synthetic import DATASET_NAME
 
-    base = dict(
-        data_root_dir=str(root),
-        dataset_name=DATASET_NAME,
-        image_size=16,
-        batch_size=8,
-        seed=1,
-        train=True,
-        shuffle_buffer_size=50,
-    )
-    return StreamSpec(**{**base, **overrides})
+    runtime = {f.name for f in dataclasses.fields(StreamSpec)} - {"data", "datasets"}
+    spec_fields = {"image_size": 16, "batch_size": 8, "seed": 1, "train": True}
+    spec_fields.update({k: v for k, v in overrides.items() if k in runtime})
+    data_fields = {"data_root_dir": str(root), "dataset_name": DATASET_NAME, "shuffle_buffer_size": 50}
+    data_fields.update({k: v for k, v in overrides.items() if k not in runtime and k != "datasets"})
+    data = DataConfig(**data_fields)
+    datasets = tuple(overrides.get("datasets") or [(data.dataset_name, 1.0)])
+    return StreamSpec(data=data, datasets=tuple((d, float(w)) for d, w in datasets), **spec_fields)
 
 
 def registry_yaml(

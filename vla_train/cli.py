@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from vla_train.config import ConfigError, ExportConfig, StatsConfig, TrainConfig, parse_config
+from vla_train.config import ConfigError, ExportConfig, StatsConfig, TrainConfig
+from vla_train.config_cli import parse_config
 
 
 def _fail(e: Exception) -> None:
@@ -24,7 +25,7 @@ def train_main(argv: list[str] | None = None) -> None:
         cfg = parse_config(TrainConfig, argv)
     except ConfigError as e:
         _fail(e)
-    from vla_train.data.rlds import DatasetError
+    from vla_train.data.errors import DatasetError
     from vla_train.training.trainer import train
 
     try:
@@ -55,9 +56,12 @@ def stats_main(argv: list[str] | None = None) -> None:
         _fail(e)
     import json
 
-    from vla_train.data.rlds import DatasetError, get_statistics
+    from vla_train.data.errors import DatasetError
+    from vla_train.data.mixture import run_datasets
+    from vla_train.data.rlds import get_statistics
 
     d = cfg.data
+    datasets = run_datasets(d)
     if not d.mixture:
         try:
             stats = get_statistics(d.data_root_dir, d.dataset_name, d.stats_cache_dir, d.on_bad_data)
@@ -65,7 +69,6 @@ def stats_main(argv: list[str] | None = None) -> None:
             _fail(e)
         print(json.dumps({d.dataset_name: stats}, indent=2))
         return
-    datasets = d.datasets()
     print(f"mixture '{d.mixture}': {len(datasets)} dataset(s)", flush=True)
     for name, weight in datasets:
         try:

@@ -1,21 +1,17 @@
-"""Typed run configuration: one draccus dataclass per component, parsed from YAML presets plus dotted
-CLI overrides, and validated before anything heavy (torch, TensorFlow, a process group) is imported.
+"""Typed run configuration: one draccus dataclass per component (the schema), and its validation, made
+before anything heavy (torch, TensorFlow, a process group) is imported. Parsing YAML presets and CLI
+overrides lives beside it, in config_cli.py.
 
 Every `validate()` collects all problems with their field path (`training.max_steps`) and a fix, so a
-user sees every mistake of a config at once.
+user sees every mistake of a config at once. Validation only looks: it creates no directory and leaves
+the process-wide dataset registry as it was.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import draccus
 
 
 class ConfigError(ValueError):
@@ -50,18 +46,26 @@ def _one_of(obj, prefix: str, name: str, options, note: str = "") -> list[str]:
 
 
 def writable_dir_problem(directory: str) -> str | None:
-    """None if `directory` exists or can be created and a file can be written in it, else why not.
-
-    Creating the directory is the only reliable test (permissions, read-only mounts, root's rights).
-    """
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        return f"'{directory}' is not a writable directory ({e.strerror or e}); choose a directory you can write to"
+    """None if `directory` is, or can be created as, a directory this process can write files in; else
+    why not. It only looks (nothing is created): the path must not run through a file, and its nearest
+    existing ancestor must be a writable directory on a file system that stores files (not mounted
+    read-only, not a pseudo file system such as /proc, where even root cannot create files)."""
+    existing = Path(directory).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    why = ""
+    if not existing.is_dir():
+        why = f"'{existing}' is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no write permission in '{existing}'"
+    else:
+        fs = os.statvfs(existing)
+        if fs.f_flag & os.ST_RDONLY:
+            why = f"'{existing}' is on a read-only file system"
+        elif fs.f_blocks == 0:
+            why = f"'{existing}' is on a pseudo file system that holds no files"
+    if why:
+        return f"'{directory}' is not a writable directory ({why}); choose a directory you can write to"
     return None
 
 
@@ -159,15 +163,16 @@ class DataConfig:
                     "includes primary (the policy's image)",
                 )
             )
-        errs += self._registry_problems(prefix)
-        dataset_dir = Path(self.data_root_dir) / self.dataset_name
+        registry_errs, names = self._registry_problems(prefix)
+        errs += registry_errs
         if self.build_synthetic:
-            if self.dataset_name != "vla_synthetic":
+            if self.dataset_name != "vla_synthetic" or self.mixture:
                 errs.append(
                     _problem(
                         f"{prefix}.build_synthetic",
-                        f"only the synthetic dataset 'vla_synthetic' can be built, not '{self.dataset_name}'; "
-                        "set data.build_synthetic false and point data.data_root_dir at your RLDS data",
+                        f"only the synthetic dataset 'vla_synthetic' can be built, not "
+                        f"'{self.mixture or self.dataset_name}'; set data.build_synthetic false and point "
+                        "data.data_root_dir at your RLDS data",
                     )
                 )
             errs += self.synthetic.validate(f"{prefix}.synthetic")
@@ -184,81 +189,61 @@ class DataConfig:
                     "holds your tfds datasets (or set data.build_synthetic true for the synthetic demo data)",
                 )
             )
-        elif self.mixture:
-            found = sorted(p.name for p in Path(self.data_root_dir).iterdir() if p.is_dir())
-            for name in self.mixture_datasets():
-                if not (Path(self.data_root_dir) / name).is_dir():
-                    errs.append(
-                        _problem(
-                            f"{prefix}.mixture",
-                            f"mixture '{self.mixture}' reads dataset '{name}', which is not under "
-                            f"'{self.data_root_dir}'; found: {found or 'nothing'}",
-                        )
-                    )
-        elif not dataset_dir.is_dir():
-            found = sorted(p.name for p in Path(self.data_root_dir).iterdir() if p.is_dir())
-            errs.append(
-                _problem(
-                    f"{prefix}.dataset_name",
-                    f"no dataset '{self.dataset_name}' under '{self.data_root_dir}' (expected "
-                    f"{dataset_dir}/<version>/dataset_info.json); found: {found or 'nothing'}",
-                )
-            )
+        else:
+            errs += self._missing_datasets(prefix, names)
         return errs
 
-    def datasets(self) -> list[tuple[str, float]]:
-        """(dataset, weight) pairs to read: the mixture's, or [(dataset_name, 1.0)] (for StreamSpec.datasets)."""
-        if not self.mixture:
-            return [(self.dataset_name, 1.0)]
-        from vla_train.data.registry import add_registry_files
-
-        # the process-wide registry with registry_files (read once; registering again is a no-op)
-        return add_registry_files(self.registry_files).mixture(self.mixture)
-
-    def mixture_datasets(self) -> list[str]:
-        try:
-            return [d for d, _ in self.datasets()]
-        except (KeyError, ValueError):
+    def _missing_datasets(self, prefix: str, names: list[str]) -> list[str]:
+        """A problem for each dataset the run reads that is not under data_root_dir."""
+        root = Path(self.data_root_dir)
+        missing = [name for name in names if not (root / name).is_dir()]
+        if not missing:
             return []
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) or "nothing"
+        where = f"{prefix}.mixture" if self.mixture else f"{prefix}.dataset_name"
+        read_by = f" (read by mixture '{self.mixture}')" if self.mixture else ""
+        return [
+            _problem(
+                where,
+                f"no dataset '{name}'{read_by} under '{root}' (expected {root / name}/<version>/"
+                f"dataset_info.json); found: {found}",
+            )
+            for name in missing
+        ]
 
-    def _registry_problems(self, prefix: str) -> list[str]:
-        """Load the registry (YAML only, no TensorFlow) with registry_files and check dataset_name.
-
-        A valid config's registry_files are then registered process-wide for the data pipeline.
-        """
-        from vla_train.data.registry import RegistryError, UnknownNameError, add_registry_files, load_registry
+    def _registry_problems(self, prefix: str) -> tuple[list[str], list[str]]:
+        """(problems, the dataset names the run reads): the registry (YAML only, no TensorFlow) with
+        registry_files must name data.mixture or data.dataset_name. Reading it changes nothing: the run
+        registers registry_files process-wide where it starts (mixture.run_datasets)."""
+        from vla_train.data.registry import RegistryError, UnknownNameError, load_registry
 
         for f in self.registry_files:
             if not Path(f).is_file():
-                return [_problem(f"{prefix}.registry_files", f"file '{f}' does not exist")]
+                return [_problem(f"{prefix}.registry_files", f"file '{f}' does not exist")], []
         try:
             registry = load_registry(self.registry_files)
             if self.mixture:
-                try:
-                    registry.mixture(self.mixture)
-                except UnknownNameError as e:
-                    return [
-                        _problem(
-                            f"{prefix}.mixture",
-                            f"{e}; define it under 'mixtures:' in a YAML file in data.registry_files",
-                        )
-                    ]
-            else:
-                registry.dataset(self.dataset_name)
+                return [], [name for name, _ in registry.mixture(self.mixture)]
+            registry.dataset(self.dataset_name)
+            return [], [self.dataset_name]
         except RegistryError as e:
-            return [_problem(f"{prefix}.registry_files", str(e))]
+            return [_problem(f"{prefix}.registry_files", str(e))], []
         except UnknownNameError as e:
+            field_name, kind = ("mixture", "mixtures") if self.mixture else ("dataset_name", "datasets")
             return [
                 _problem(
-                    f"{prefix}.dataset_name", f"{e}; register it with a YAML file in data.registry_files"
+                    f"{prefix}.{field_name}",
+                    f"{e}; define it under '{kind}:' in a YAML file in data.registry_files",
                 )
-            ]
-        add_registry_files(self.registry_files)
-        return []
+            ], []
 
 
 @dataclass
 class ModelConfig:
+    # Model preset this section starts from: a name (tiny, minivla, openvla_7b: configs/model_<name>.yaml)
+    # or the path of a YAML file with a `model:` block. Keys set in the config file or on the command line
+    # override the preset's; empty = the defaults below.
+    preset: str = ""
     # Load the base model from this vla_train/OpenVLA model directory; empty = build from the sizes below
     # with random weights.
     pretrained_dir: str = ""
@@ -677,67 +662,3 @@ class StatsConfig:
         errs = self.data.validate("data")
         if errs:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
-
-
-def _field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Map every dotted field path of a dataclass tree to its field."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        out[path] = f
-        ftype = f.type if isinstance(f.type, type) else _resolve(cls, f.name)
-        if dataclasses.is_dataclass(ftype):
-            out.update(_field_paths(ftype, path + "."))
-    return out
-
-
-def _resolve(cls: type, name: str) -> Any:
-    import typing
-
-    return typing.get_type_hints(cls)[name]
-
-
-def _check_cli_keys(cls: type, args: list[str]) -> None:
-    known = _field_paths(cls)
-    for arg in args:
-        if not arg.startswith("--"):
-            continue
-        key = arg[2:].split("=", 1)[0]
-        if key in ("config_path", "help", "h"):
-            continue
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=3)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key '--{key}'{hint}")
-
-
-def parse_config(cls: type, args: list[str] | None = None, validate: bool = True):
-    """Parse `--config_path FILE` plus dotted overrides into `cls` and validate it.
-
-    Every problem becomes a ConfigError naming the field (draccus' own errors are translated).
-    """
-    args = list(sys.argv[1:] if args is None else args)
-    _check_cli_keys(cls, args)
-    for i, arg in enumerate(args):
-        if arg.split("=", 1)[0] == "--config_path":
-            path = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-            if not Path(path).is_file():
-                raise ConfigError(f"config_path: file '{path}' does not exist")
-    try:
-        cfg = draccus.parse(cls, args=args)
-    except draccus.utils.DecodingError as e:
-        path = ".".join(str(p) for p in e.key_path) or "<root>"
-        msg = str(e.message) if hasattr(e, "message") else str(e)
-        if "are not valid for" in msg:
-            stem = "" if path == "<root>" else path + "."
-            options = [k[len(stem) :] for k in _field_paths(cls) if k.startswith(stem)]
-            options = sorted(k for k in options if "." not in k)
-            raise ConfigError(f"{path}: {msg}; valid keys here: {', '.join(options)}") from None
-        raise ConfigError(f"{path}: {msg}") from None
-    if validate:
-        cfg.validate()
-    return cfg
-
-
-def to_yaml(cfg: Any) -> str:
-    return draccus.dump(cfg)

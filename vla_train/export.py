@@ -19,25 +19,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla_train.config import ExportConfig, TrainConfig, parse_config
+from vla_train.config import ExportConfig, TrainConfig
+from vla_train.config_cli import parse_config
+from vla_train.data.mixture import run_datasets
+from vla_train.data.stream import FrameStream
 from vla_train.models.load import load_model_dir, save_model_dir
 from vla_train.models.peft import apply_lora, load_adapter_state_dict
 from vla_train.models.policy import VLAPolicy
+from vla_train.runs import (
+    CONFIG_FILE,
+    STATS_FILE,
+    base_model_dir,
+    current_action,
+    stream_spec,
+    use_run_preprocessing,
+)
 from vla_train.training.checkpoint import latest_checkpoint, load_checkpoint
 from vla_train.training.logging import read_metrics
-from vla_train.training.trainer import BASE_MODEL_DIR
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    """The run's config as trained (not re-validated), with its data.registry_files registered so that the
-    data pipeline knows the run's own datasets and mixtures."""
-    cfg = parse_config(TrainConfig, ["--config_path", str(run_dir / "config.yaml")], validate=False)
-    existing = [f for f in cfg.data.registry_files if Path(f).is_file()]
-    if existing:
-        from vla_train.data.registry import add_registry_files
-
-        add_registry_files(existing)
-    return cfg
+    """The run's config as trained (not re-validated)."""
+    return parse_config(TrainConfig, ["--config_path", str(run_dir / CONFIG_FILE)], validate=False)
 
 
 def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: int, stride: int = 7) -> dict:
@@ -48,10 +51,8 @@ def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: 
 
     norm_stats: the run's {dataset_name: statistics} (dataset_statistics.json).
     """
-    from vla_train.data.loader import FrameStream
-    from vla_train.training.trainer import current_action, stream_spec
-
-    spec = stream_spec(train_cfg, image_size, train=False, batch_size=n * stride)
+    datasets = run_datasets(train_cfg.data)  # registers the run's own registry_files
+    spec = stream_spec(train_cfg, datasets, image_size, train=False, batch_size=n * stride)
     batch = next(iter(FrameStream(spec, norm_stats)))
     pick = slice(0, None, stride) if len(batch["instruction"]) >= n * stride else slice(0, n)
     return {
@@ -60,11 +61,6 @@ def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: 
         "action": current_action(batch, "action_raw")[pick][:n],
         "dataset_name": batch["dataset_name"][pick][:n],
     }
-
-
-def run_base_dir(run_dir: Path, train_cfg: TrainConfig) -> Path:
-    """The base model a run trained from: model.pretrained_dir, or the run's own base_model/."""
-    return Path(train_cfg.model.pretrained_dir or run_dir / BASE_MODEL_DIR)
 
 
 def load_trained(
@@ -77,12 +73,11 @@ def load_trained(
     ckpt = ckpt or latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no committed checkpoint; train first (vla-train)")
-    model, processor = load_model_dir(run_base_dir(run_dir, train_cfg), device="cpu")
+    model, processor = load_model_dir(base_model_dir(run_dir, train_cfg), device="cpu")
     if norm_stats is None:
-        norm_stats = json.loads((run_dir / "dataset_statistics.json").read_text())
+        norm_stats = json.loads((run_dir / STATS_FILE).read_text())
     model.config.norm_stats = norm_stats
-    if train_cfg.data.image_augmentation:
-        processor.settings.center_crop_area = 0.9
+    use_run_preprocessing(processor, train_cfg.data)
     saved = load_checkpoint(ckpt)
     if train_cfg.lora.enabled:
         lora_cfg = dataclasses.replace(train_cfg.lora, quantization="none")
@@ -100,7 +95,7 @@ def export_run(cfg: ExportConfig) -> Path:
     train_cfg = load_run_config(run_dir)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "export"
     ckpt = latest_checkpoint(run_dir)
-    norm_stats = json.loads((run_dir / "dataset_statistics.json").read_text())
+    norm_stats = json.loads((run_dir / STATS_FILE).read_text())
 
     with torch.device("cpu"):
         trained, processor = load_trained(run_dir, train_cfg, ckpt, norm_stats)
@@ -125,7 +120,7 @@ def export_run(cfg: ExportConfig) -> Path:
         raise RuntimeError(f"the exported directory {out_dir} does not reproduce the merged model's tokens")
     report = {
         "checkpoint": str(ckpt),
-        "base_model": str(run_base_dir(run_dir, train_cfg)),
+        "base_model": str(base_model_dir(run_dir, train_cfg)),
         "merged_equals_unmerged": unmerged is not None,
         "reloaded_equals_merged": True,
         "num_check_frames": len(merged),

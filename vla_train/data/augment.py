@@ -1,6 +1,6 @@
 """OpenVLA's train-time image augmentation: its random parameters, one set per frame, drawn from the run
-seed and the frame's position in the stream (a counter-based hash, so any frame's parameters can be
-recomputed, e.g. after a resume), in the order image_ops applies them:
+seed, the stream (a data-parallel rank's shard) and the frame's position in it (a counter-based hash, so
+any frame's parameters can be recomputed, e.g. after a resume), in the order image_ops applies them:
 
     random resized crop  scale 0.9, ratio 1.0 (side sqrt(0.9)), back to the input size: offsets y, x
     brightness           delta uniform in [-0.2, 0.2]
@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from vla_train.data.image_ops import CROP_AREA, NUM_AUG_PARAMS
+from vla_train.data.tf_setup import tf
 
 BRIGHTNESS = 0.2
 CONTRAST = (0.8, 1.2)
@@ -34,11 +35,16 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def augment_params(seed: int, frame_index: np.ndarray) -> np.ndarray:
-    """float32 [B, NUM_AUG_PARAMS]: each frame's parameters, uniform in their ranges, from (seed, index)."""
+def augment_params(seed: int, frame_index: np.ndarray, stream: int = 0) -> np.ndarray:
+    """float32 [B, NUM_AUG_PARAMS]: each frame's parameters, uniform in their ranges, from (seed, stream,
+    index). `stream` tells apart streams that count their frames from 0 each (the shards of the ranks of
+    a job: frame k of every rank would otherwise get the same crop); stream 0 keeps the keys of a single
+    stream."""
     index = np.asarray(frame_index, np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
         key = _splitmix64(np.full(index.shape, seed, np.int64).astype(np.uint64))
+        if stream:
+            key = _splitmix64(key ^ _splitmix64(np.full(index.shape, stream, np.uint64)))
         key = _splitmix64(key ^ index)[:, None] + np.arange(NUM_AUG_PARAMS, dtype=np.uint64)[None]
         bits = _splitmix64(key) >> np.uint64(11)  # 53 random bits
     unit = bits.astype(np.float64) / float(1 << 53)
@@ -49,8 +55,6 @@ def tf_reference(image, size: int, params=None):
     """OpenVLA's resize (lanczos3, antialiased, rounded to uint8) and, with `params` (as augment_params
     gives them), its augmentation, as the TensorFlow ops it is defined by: the reference image_ops is
     tested against (tests/test_image_ops.py) and benchmarked against (scripts/bench_data.py)."""
-    import tensorflow as tf
-
     x = tf.image.resize(image, [size, size], method="lanczos3", antialias=True)
     x = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
     if params is None:

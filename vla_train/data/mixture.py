@@ -4,9 +4,27 @@ thread budget across datasets. No TensorFlow at import time."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vla_train.config import DataConfig
+
+
+def run_datasets(data: DataConfig) -> tuple[tuple[str, float], ...]:
+    """The (dataset, raw weight) pairs a run reads: data.mixture's, or (data.dataset_name, 1.0) alone.
+
+    The one answer to "which datasets": the trainer, export and vla-stats ask it once, where they start
+    (after config validation), and pass the result on. It registers data.registry_files process-wide (read
+    once; registering again is a no-op), so that the pipeline finds the run's own datasets.
+    """
+    from vla_train.data.registry import add_registry_files
+
+    registry = add_registry_files(data.registry_files)
+    if not data.mixture:
+        return ((data.dataset_name, 1.0),)
+    return tuple((name, float(weight)) for name, weight in registry.mixture(data.mixture))
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:
@@ -84,6 +102,7 @@ def resolve_mixture(
 
 
 __all__ = [
+    "run_datasets",
     "allocate_threads",
     "balance_weights",
     "is_per_dataset",

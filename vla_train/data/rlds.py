@@ -13,7 +13,7 @@ Structural problems raise a `DatasetError` naming the dataset (and the split, ke
 flows: a missing directory, an unknown dataset or mixture name, a key the registry names that the stored
 episodes lack, an action width other than the registry's `action_dim`, an empty split. Bad values (NaN/inf)
 are handled by `on_bad_data` (raise or skip and count): in the statistics pass here, in the stream by
-`transforms.EpisodeFilter`; see validate.py for the errors raised while a pipeline runs.
+`transforms.EpisodeFilter`; see errors.py for the errors raised while a pipeline runs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_train.data import tf_setup  # noqa: F401  (keeps TensorFlow off the GPU before it initializes)
+from vla_train.data.errors import SKIP_HINT, DatasetError, non_finite_key, read_errors_named
 from vla_train.data.normalize import (
     cache_key,
     default_action_mask,
@@ -32,10 +32,8 @@ from vla_train.data.normalize import (
     statistics_from_trajectories,
     stats_cache_path,
 )
-
-
-class DatasetError(ValueError):
-    """A problem with a dataset on disk; the message names the dataset and what to do."""
+from vla_train.data.standardize import StandardizeError, make_standardizer, proprio_from_state_keys
+from vla_train.data.tf_setup import tf, tfds
 
 
 def version_dir(data_root_dir: str | Path, dataset_name: str) -> Path:
@@ -57,7 +55,6 @@ def version_dir(data_root_dir: str | Path, dataset_name: str) -> Path:
 
 
 def open_builder(data_root_dir: str | Path, dataset_name: str):
-    import tensorflow_datasets as tfds
 
     # builder_from_directory reads the files without asking the network (tfds.builder would, for RT-X names).
     return tfds.builder_from_directory(str(version_dir(data_root_dir, dataset_name)))
@@ -155,10 +152,6 @@ def _standardized_steps(builder, split: str, *, shuffle_files: bool, seed: int, 
     """Standardized episodes {observation, action, language_instruction, episode_id (scalar)}. A key the
     standardization or the registry needs but the stored episodes lack, or an action width other than
     the registry's action_dim, raises a DatasetError here (at trace time, before any data flows)."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    from vla_train.data.standardize import StandardizeError, make_standardizer
 
     split_size(builder, split, spec.name)
     ds = builder.as_dataset(
@@ -217,9 +210,6 @@ def read_episodes(
     """tf.data of standardized, restructured trajectories (images left encoded): image_<role> for each
     of `cameras`, empty strings for a camera the dataset does not have (so that every dataset of a
     mixture gives frames of the same structure)."""
-    import tensorflow as tf
-
-    from vla_train.data.standardize import proprio_from_state_keys
 
     spec = dataset_spec(dataset_name)
     if spec.image_obs_keys.get("primary") is None:
@@ -250,8 +240,6 @@ def read_episodes(
 def numeric_trajectories(builder, dataset_name: str):
     """Standardized action/proprio (numpy) and episode_id (bytes) of every episode of every split; images
     are never decoded."""
-    from vla_train.data.standardize import proprio_from_state_keys
-
     spec = dataset_spec(dataset_name)
     ds = _standardized_steps(builder, "all", shuffle_files=False, seed=0, spec=spec)
     ds = ds.map(
@@ -267,8 +255,6 @@ def numeric_trajectories(builder, dataset_name: str):
 def _finite_trajectories(trajectories, dataset_name: str, on_bad_data: str, skipped: list[str]):
     """Passes the episodes whose action and proprio are finite; an episode with NaN/inf raises a
     DatasetError naming it (on_bad_data=raise) or is left out and its id appended to `skipped`."""
-    from vla_train.data.validate import SKIP_HINT, non_finite_key
-
     for traj in trajectories:
         key = non_finite_key(np.asarray(traj["action"]), np.asarray(traj["proprio"]))
         if key is None:
@@ -296,11 +282,9 @@ def get_statistics(
     DatasetError naming the dataset, the episode and the key; skip leaves them out, logs a warning and
     records their number under `num_trajectories_skipped_non_finite` (present only when > 0). A cached
     result that left episodes out is recomputed under raise, so that the error names the episode. A corrupt
-    TFRecord file raises a DatasetError naming the file (validate.diagnose_read_error).
+    TFRecord file raises a DatasetError naming the file (errors.diagnose_read_error).
     """
     import logging
-
-    from vla_train.data.validate import read_errors_named
 
     spec = dataset_spec(dataset_name)
     builder = open_builder(data_root_dir, dataset_name)
@@ -341,9 +325,6 @@ def get_statistics(
 
 def collect_instructions(builder, split: str, limit: int = 100_000) -> list[str]:
     """Unique language instructions of a split (text only), to train a local tokenizer."""
-    import tensorflow_datasets as tfds
-
-    from vla_train.data.validate import read_errors_named
 
     ds = builder.as_dataset(split=split, decoders={"steps": tfds.decode.SkipDecoding()}, shuffle_files=False)
     ds = ds.map(lambda ep: ep["steps"]["language_instruction"])

@@ -18,7 +18,7 @@ so that statistics and action tokens stay compatible; deviations are marked "dev
 
 `STANDARDIZE_FNS` maps the names used by `datasets_registry/*.yaml` to functions; several names share an
 implementation where the source transforms are identical but the raw layouts differ (the synthetic raw
-writer in `raw_synthetic.py` keys its layouts by these names). `make_standardizer(spec)` wraps a function
+writer in `tests/raw_synthetic.py` keys its layouts by these names). `make_standardizer(spec)` wraps a function
 with the registry's key selection and checks, for use by the reader.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import tensorflow as tf
+from vla_train.data.tf_setup import tf
 
 if TYPE_CHECKING:
     from vla_train.data.registry import DatasetSpec

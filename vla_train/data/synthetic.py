@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vla_train.config import SyntheticDataConfig
+from vla_train.data.tf_setup import tf, tfds
 
 DATASET_NAME = "vla_synthetic"
 VERSION = "1.0.0"
@@ -118,8 +119,6 @@ def generate_episode(rng: np.random.Generator, cfg: SyntheticDataConfig) -> dict
 @functools.cache
 def _builder_class():
     # tfds registers every builder class by name when it is defined: define it once per process.
-    import tensorflow_datasets as tfds
-
     class VlaSynthetic(tfds.core.GeneratorBasedBuilder):
         """Learnable synthetic tabletop episodes (see the module docstring)."""
 
@@ -182,8 +181,6 @@ def _builder_class():
 
 def _jpeg(image: np.ndarray) -> bytes:
     # Encoding here (not in tfds) keeps the quality fixed and the bytes identical for a given seed.
-    import tensorflow as tf
-
     return tf.io.encode_jpeg(image, quality=95).numpy()
 
 
@@ -196,8 +193,6 @@ def build_synthetic_dataset(data_root_dir: str | Path, cfg: SyntheticDataConfig)
     out = dataset_dir(data_root_dir)
     if (out / "dataset_info.json").is_file():
         return out
-    import tensorflow_datasets as tfds
-
     builder = _builder_class()(synthetic=cfg, data_dir=str(data_root_dir))
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False, verify_ssl=False)

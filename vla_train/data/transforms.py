@@ -20,7 +20,7 @@ chunking, subsampling and goal relabeling keep every [T] key, episode_id include
   relative dimensions become 0 (a neutral "do not move" delta) and absolute dimensions (the gripper) keep
   the last value. OpenVLA chunks *normalized* actions, so its padded deltas are normalized zeros; this
   pipeline normalizes in numpy after the tf.data graph, so `FrameStream` re-applies the zeros after
-  normalization using `action_pad_mask` (see loader.py) and the result equals OpenVLA's.
+  normalization using `action_pad_mask` (see stream.py) and the result equals OpenVLA's.
   `window_size` W > 1 adds a proprio history: proprio [T, W, P] (the W most recent steps, first step
   repeated before the start) and `proprio_pad_mask` [T, W]. Images stay a single frame (window 1).
   With a goal relabeled by `uniform_goal_relabel`, actions after the goal's step are padded as well
@@ -38,28 +38,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vla_train.data import tf_setup  # noqa: F401
+from vla_train.data.errors import SKIP_HINT, bad_data_message, first_string
+from vla_train.data.tf_setup import tf
 
 DROP_REASONS = ("non_finite", "no_instruction", "max_action", "max_proprio")
 ON_BAD_DATA = ("raise", "skip")
 
 
-def _tf():
-    import tensorflow as tf
-
-    return tf
-
-
 def has_instruction(traj) -> object:
     """True when the episode's (first) language instruction is non-empty (False for an empty episode)."""
-    tf = _tf()
     first = tf.strings.reduce_join(traj["task"]["language_instruction"][:1])
     return tf.strings.length(first) > 0
 
 
 def within_bound(x, bound: float) -> object:
     """True when every |x| <= bound (an empty tensor is within any bound); bound <= 0 means no bound."""
-    tf = _tf()
     if not bound or bound <= 0:
         return tf.constant(True)
     return tf.reduce_all(tf.abs(x) <= bound)
@@ -67,7 +60,6 @@ def within_bound(x, bound: float) -> object:
 
 def all_finite(x) -> object:
     """True when x holds no NaN or inf (an empty tensor is finite)."""
-    tf = _tf()
     return tf.reduce_all(tf.math.is_finite(tf.cast(x, tf.float32)))
 
 
@@ -77,7 +69,7 @@ class EpisodeFilter:
 
     on_bad_data: None (default) does not look for NaN/inf; "raise" fails the pipeline on an episode with
     NaN/inf action or proprio (a tf.errors.InvalidArgumentError whose message names the dataset, the
-    episode and the key; `validate.diagnose_read_error` turns it into a DatasetError); "skip" drops it and
+    episode and the key; `errors.diagnose_read_error` turns it into a DatasetError); "skip" drops it and
     counts it under `non_finite`. episodes_per_pass > 0: the number of episodes one pass over the input
     holds; when that many have been seen and none kept, the pipeline fails with the drop counts (a training
     stream repeats its episodes, so it would otherwise read nothing from the dataset); split names the
@@ -98,7 +90,6 @@ class EpisodeFilter:
         episodes_per_pass: int = 0,
         split: str = "",
     ):
-        tf = _tf()
         self.require_instruction = require_instruction
         self.max_action = float(max_action or 0.0)
         self.max_proprio = float(max_proprio or 0.0)
@@ -117,9 +108,6 @@ class EpisodeFilter:
         return tuple(r for r in DROP_REASONS if r != "non_finite" or self.on_bad_data is not None)
 
     def __call__(self, traj):
-        tf = _tf()
-        from vla_train.data.validate import SKIP_HINT, bad_data_message, first_string
-
         dataset = first_string(traj.get("dataset_name"))
         episode = first_string(traj.get("episode_id"))
         action_ok = all_finite(traj["action"])
@@ -177,7 +165,6 @@ def chunk_actions(
     """Action chunks [T, F + 1, A] with `action_pad_mask`, and a proprio history when window_size > 1
     (see the module docstring). `absolute_action_mask` [A]: dimensions that repeat the last value when
     padded (default: none, i.e. all relative). F = 0 and W = 1 return the trajectory unchanged."""
-    tf = _tf()
     if future_action_window_size < 0 or window_size < 1:
         raise ValueError("future_action_window_size must be >= 0 and window_size >= 1")
     traj = dict(traj)
@@ -207,13 +194,11 @@ def chunk_actions(
 
 
 def _gather_steps(traj, idx):
-    tf = _tf()
     return tf.nest.map_structure(lambda x: tf.gather(x, idx), traj)
 
 
 def subsample(traj, length: int, seed):
     """At most `length` steps: a uniform random subset, in time order (seed: stateless [2] int)."""
-    tf = _tf()
     if length <= 0:
         return traj
     T = tf.shape(traj["action"])[0]
@@ -225,7 +210,6 @@ def subsample(traj, length: int, seed):
 def uniform_goal_relabel(traj, seed):
     """Adds task/image_primary and task/goal_timestep: step t's goal is uniform over t+1 .. T-1 of the
     same episode (the last step's goal is itself), as OpenVLA's `uniform` goal relabeling."""
-    tf = _tf()
     T = tf.shape(traj["action"])[0]
     rand = tf.random.stateless_uniform([T], seed=seed)
     low = tf.cast(tf.range(T) + 1, tf.float32)
@@ -250,7 +234,6 @@ def apply_trajectory_transforms(
     absolute_action_mask: Sequence[bool] | None = None,
 ):
     """OpenVLA's order: goal relabeling, chunking, subsampling. `seed`: stateless [2] int64 per episode."""
-    tf = _tf()
     seed = tf.cast(seed, tf.int64)
     if goal_relabeling:
         traj = uniform_goal_relabel(traj, seed)

@@ -79,11 +79,23 @@ class VLAProcessor:
 
     # ---- text -----------------------------------------------------------------------------------
     def collate(
-        self, images_BHWC, instructions: list[str], actions_BA: np.ndarray
+        self,
+        images_BHWC,
+        instructions: list[str],
+        actions_BA: np.ndarray,
+        action_pad_mask_BT: np.ndarray | None = None,
+        train: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """A training batch: normalized actions become action tokens; labels only on them and EOS."""
+        """A batch for the model's forward: normalized actions ([B, A], or chunks [B, F + 1, A]) become
+        action tokens, with labels only on them and EOS; chunk steps where action_pad_mask_BT is False
+        (past the episode end) get no labels. train=False preprocesses the images as inference does
+        (pixel_values)."""
         action_ids = self.action_tokenizer.encode(actions_BA)
-        pairs = [self.prompt_builder.training_example(i, a) for i, a in zip(instructions, action_ids)]
+        masks = [None] * len(instructions) if action_pad_mask_BT is None else list(action_pad_mask_BT)
+        pairs = [
+            self.prompt_builder.training_example(i, a, m)
+            for i, a, m in zip(instructions, action_ids, masks, strict=True)
+        ]
         L = max(len(ids) for ids, _ in pairs)
         if L > self.settings.max_length:
             raise ValueError(
@@ -100,7 +112,7 @@ class VLAProcessor:
             "input_ids_BL": input_ids,
             "attention_mask_BL": (input_ids != pad).long(),
             "labels_BL": labels,
-            "pixel_values_BCHW": self.pixel_values(images_BHWC, train=True),
+            "pixel_values_BCHW": self.pixel_values(images_BHWC, train=train),
         }
 
     def inference_prompts(self, instructions: list[str]) -> list[list[int]]:

@@ -3,6 +3,8 @@
 Sequence: BOS, `In: What action should the robot take to {instruction lower-cased}?\nOut: `, the empty
 piece if the tokenizer did not already end the prompt with it, `action_dim` action tokens, EOS.
 Labels are IGNORE_INDEX everywhere except the last action_dim + 1 positions (action tokens + EOS).
+With action chunking a frame carries (F + 1) x action_dim action tokens, step by step, then EOS; the
+tokens of chunk steps past the episode end stay in the input but are not learned (EOS still is).
 Image patch embeddings are inserted by the model right after BOS, not here.
 """
 
@@ -39,10 +41,22 @@ class PromptBuilder:
                 self._cache[instruction] = ids
         return list(ids)
 
-    def training_example(self, instruction: str, action_ids: np.ndarray) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) for one frame; labels only on the action tokens and EOS."""
-        action_ids = [int(a) for a in np.asarray(action_ids).reshape(-1)]
-        input_ids = self.prompt_ids(instruction) + action_ids + [self.tokenizer.eos_token_id]
-        num_supervised = len(action_ids) + 1
-        labels = [IGNORE_INDEX] * (len(input_ids) - num_supervised) + input_ids[-num_supervised:]
-        return input_ids, labels
+    def training_example(
+        self, instruction: str, action_ids: np.ndarray, step_mask: np.ndarray | None = None
+    ) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for one frame; labels only on the action tokens and EOS.
+
+        action_ids: [A], or a chunk [F + 1, A]; step_mask [F + 1] (the pipeline's action_pad_mask): False
+        for the chunk steps past the episode end, whose tokens get no label.
+        """
+        ids = np.asarray(action_ids)
+        flat = [int(a) for a in ids.reshape(-1)]
+        eos = self.tokenizer.eos_token_id
+        prompt = self.prompt_ids(instruction)
+        action_labels = flat
+        if step_mask is not None:
+            step_mask = np.asarray(step_mask, bool)
+            assert ids.ndim == 2 and step_mask.shape == ids.shape[:1], (ids.shape, step_mask.shape)
+            keep = np.repeat(step_mask, ids.shape[-1])
+            action_labels = [a if k else IGNORE_INDEX for a, k in zip(flat, keep, strict=True)]
+        return prompt + flat + [eos], [IGNORE_INDEX] * len(prompt) + action_labels + [eos]

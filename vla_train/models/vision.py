@@ -80,6 +80,10 @@ class DinoSigLIPBackbone(nn.Module):
         self.embed_dim = dino_cfg.hidden_size + siglip_cfg.hidden_size
         self.num_patches = (dino_cfg.image_size // dino_cfg.patch_size) ** 2
 
+    def repeated_blocks(self) -> list[nn.ModuleList]:
+        """Each tower's transformer blocks."""
+        return [self.featurizer.encoder.layer, self.fused_featurizer.encoder.layers]
+
     def forward(self, pixel_values_BCHW: torch.Tensor) -> torch.Tensor:
         dino_px, siglip_px = torch.split(pixel_values_BCHW, [3, 3], dim=1)
         d = self.featurizer.embeddings(dino_px)

@@ -123,6 +123,19 @@ class VLA(nn.Module):
         self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, llm_cfg.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(llm_cfg)
 
+    # ---- structure, for parallelism -------------------------------------------------------------
+    def repeated_blocks(self) -> list[nn.ModuleList]:
+        """The repeated blocks: the LLM decoder layers and each vision tower's blocks. They are the units
+        FSDP shards and activation checkpointing recomputes (training/distributed.py), which may replace
+        entries of these lists with wrappers."""
+        return [self.language_model.model.layers, *self.vision_backbone.repeated_blocks()]
+
+    def disable_kv_cache(self) -> None:
+        """No KV cache in the forward unless asked for: under activation checkpointing each recomputation
+        would append to it again (transformers' own gradient checkpointing turns it off too). Generation
+        (predict_action_tokens) asks for it explicitly."""
+        self.language_model.config.use_cache = False
+
     # ---- shared by training and inference -------------------------------------------------------
     def check_pixel_values(self, pixel_values_BCHW: torch.Tensor) -> None:
         s = self.config.image_size

@@ -40,10 +40,6 @@ CKPT_DIR = "checkpoints"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
 DCP_DIR = "dcp"
-# Test hook: sleep this many seconds inside the write of the checkpoint of step
-# VLA_TRAIN_TEST_CHECKPOINT_SLEEP_AT_STEP, after its files exist and before the commit.
-SLEEP_STEP_ENV = "VLA_TRAIN_TEST_CHECKPOINT_SLEEP_AT_STEP"
-SLEEP_SECONDS_ENV = "VLA_TRAIN_TEST_CHECKPOINT_SLEEP_S"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -127,6 +123,16 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def commit(tmp: Path, final: Path) -> None:
+    """The commit of a checkpoint: its fully written temporary directory becomes `final` by one atomic
+    rename (a step saved again, e.g. a finished run resumed, is replaced), made durable by fsyncs."""
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -173,13 +179,7 @@ def save_checkpoint(
             **state,
         }
         _write_text(tmp / "state.json", json.dumps(meta, indent=2))
-        _fsync_dir(tmp)
-        if os.environ.get(SLEEP_STEP_ENV) == str(step):
-            time.sleep(float(os.environ.get(SLEEP_SECONDS_ENV, "300")))
-        if final.exists():  # re-saving a step (a finished run validated again): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the commit
-        _fsync_dir(root)
+        commit(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(ctx)

@@ -113,17 +113,6 @@ def shutdown(ctx: DistContext) -> None:
 # ---- model wrapping -------------------------------------------------------------------------------
 
 
-def _block_lists(vla: nn.Module) -> list[nn.ModuleList]:
-    """The repeated blocks of the OpenVLA architecture: LLM decoder layers and each vision tower's
-    blocks (the units FSDP shards and activation checkpointing recomputes)."""
-    vb = vla.vision_backbone
-    return [
-        vla.language_model.model.layers,
-        vb.featurizer.encoder.layer,
-        vb.fused_featurizer.encoder.layers,
-    ]
-
-
 def apply_activation_checkpointing(vla: nn.Module) -> None:
     """Wrap every decoder layer and vision block so its activations are recomputed in backward.
 
@@ -133,10 +122,8 @@ def apply_activation_checkpointing(vla: nn.Module) -> None:
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    # A KV cache in the training forward would be appended to again by each recomputation (transformers'
-    # own gradient checkpointing turns it off too); generation still asks for it explicitly.
-    vla.language_model.config.use_cache = False
-    for blocks in _block_lists(vla):
+    vla.disable_kv_cache()
+    for blocks in vla.repeated_blocks():
         for i, block in enumerate(blocks):
             blocks[i] = checkpoint_wrapper(block)
 
@@ -163,7 +150,7 @@ def wrap_model(vla: nn.Module, ctx: DistContext, cfg: DistributedConfig) -> nn.M
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()
-        for blocks in _block_lists(vla):
+        for blocks in vla.repeated_blocks():
             for block in blocks:
                 fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
         fully_shard(vla.projector, mesh=ctx.mesh, mp_policy=mp)

@@ -1,9 +1,11 @@
-"""The training loop, top to bottom: process group -> data -> model (+LoRA or a freeze mode) ->
-parallelize (single / DDP / FSDP2) -> optimizer and schedule -> resume -> steps (micro-batches, clipping,
-metrics summed over ranks, validation, checkpoints, preemption) -> final validation and checkpoint.
+"""The training loop: `setup` (run directory, data statistics, model + LoRA or a freeze mode,
+parallelism, optimizer, resume, the frame stream) -> `train_step` (micro-batches, forward/backward,
+clipping, the optimizer step) -> the loop, with its once-in-a-while blocks (logs, validation,
+checkpoints, preemption).
 
-Every run writes to <output_dir>/<run_id>/; only rank 0 writes logs and prints. Every torch.distributed
-call lives in training/distributed.py, and the checkpoint format in training/checkpoint.py.
+Every run writes to <output_dir>/<run_id>/ (runs.py); only rank 0 writes logs and prints. Every
+torch.distributed call lives in training/distributed.py, and the checkpoint format in
+training/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -11,23 +13,33 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import draccus
-import numpy as np
 import torch
 
-from vla_train.config import TrainConfig, TrainingConfig, to_yaml
-from vla_train.data.loader import FrameStream, StreamSpec
-from vla_train.data.mixture import mixture_statistics, resolve_mixture
+from vla_train.config import TrainConfig, TrainingConfig
+from vla_train.config_cli import to_yaml
+from vla_train.data.mixture import mixture_statistics, resolve_mixture, run_datasets
+from vla_train.data.pipeline import FIXED_INSTRUCTION
 from vla_train.data.rlds import collect_instructions, open_builder, split_for
+from vla_train.data.stream import FrameStream
 from vla_train.data.synthetic import build_synthetic_dataset
 from vla_train.models.load import build_from_config, load_model_dir, save_model_dir
 from vla_train.models.peft import apply_lora, set_finetune_mode
 from vla_train.models.prompting import IGNORE_INDEX
+from vla_train.models.vla import VLA
+from vla_train.runs import (
+    CONFIG_FILE,
+    STATS_FILE,
+    base_model_dir,
+    model_inputs,
+    run_dir_of,
+    stream_spec,
+    use_run_preprocessing,
+)
 from vla_train.training.checkpoint import (
     Restored,
     latest_checkpoint,
@@ -45,125 +57,15 @@ from vla_train.training.distributed import (
     clip_grad_norm,
     gradient_sync,
     init_distributed,
-    reshard,
     shutdown,
     sum_over_ranks,
     wrap_model,
 )
+from vla_train.training.evaluate import validate
 from vla_train.training.logging import MetricsLogger, NullLogger
-from vla_train.training.metrics import accumulate, action_metrics, finalize, generated_metrics
+from vla_train.training.metrics import accumulate, action_metrics, finalize
+from vla_train.training.optim import optimizer_for, schedule_for
 from vla_train.training.preemption import PreemptionWatcher
-
-BASE_MODEL_DIR = "base_model"
-
-
-def run_dir_of(cfg: TrainConfig) -> Path:
-    run_id = cfg.logging.run_id or time.strftime("run_%Y%m%d_%H%M%S")
-    return Path(cfg.logging.output_dir) / run_id
-
-
-def stream_spec(
-    cfg: TrainConfig,
-    image_size: int,
-    train: bool,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    num_shards: int = 1,
-    shard_index: int = 0,
-) -> StreamSpec:
-    """The frame stream of a run's training (train=True) or validation (train=False) data: every dataset
-    of `data.mixture` (or `data.dataset_name` alone) with the config's trajectory transforms."""
-    d = cfg.data
-    return StreamSpec(
-        data_root_dir=d.data_root_dir,
-        dataset_name=d.dataset_name,
-        image_size=image_size,
-        batch_size=batch_size or cfg.training.batch_size,
-        seed=cfg.training.seed if seed is None else seed,
-        train=train,
-        normalization=d.normalization,
-        shuffle_buffer_size=d.shuffle_buffer_size,
-        image_augmentation=d.image_augmentation and train,
-        ablation=d.ablation,
-        num_parallel_calls=d.num_parallel_calls,
-        num_shards=num_shards,
-        shard_index=shard_index,
-        datasets=d.datasets() if d.mixture else [],
-        balance_weights=d.balance_weights,
-        future_action_window_size=d.future_action_window_size,
-        window_size=d.window_size,
-        max_action=d.max_action,
-        max_proprio=d.max_proprio,
-        subsample_length=d.subsample_length if train else 0,
-        goal_relabeling=d.goal_relabeling,
-        cameras=list(d.cameras),
-        ram_budget_gb=d.ram_budget_gb,
-        on_bad_data=d.on_bad_data,
-    )
-
-
-def dataset_names(cfg: TrainConfig) -> list[str]:
-    """The datasets a run reads: those of data.mixture, or data.dataset_name alone."""
-    return [name for name, _ in cfg.data.datasets()]
-
-
-def run_statistics(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """{dataset_name: statistics} of every dataset of the run (each computed once and cached under
-    data.stats_cache_dir), plus the normalization mode: OpenVLA's `norm_stats` layout, which FrameStream
-    also accepts as per-dataset statistics."""
-    stats = mixture_statistics(
-        cfg.data.data_root_dir, dataset_names(cfg), cfg.data.stats_cache_dir, cfg.data.on_bad_data
-    )
-    return {name: {**s, "normalization": cfg.data.normalization} for name, s in stats.items()}
-
-
-def run_instructions(cfg: TrainConfig) -> list[str]:
-    """The distinct instructions of the training splits of every dataset of the run (for the tokenizer)."""
-    instructions: set[str] = set()
-    for name in dataset_names(cfg):
-        builder = open_builder(cfg.data.data_root_dir, name)
-        instructions.update(collect_instructions(builder, split_for(builder, train=True)))
-    out = sorted(instructions)
-    if cfg.data.ablation == "fixed_instruction":
-        from vla_train.data.loader import FIXED_INSTRUCTION
-
-        out.append(FIXED_INSTRUCTION)
-    return out
-
-
-def mask_padded_chunk_labels(labels_BL: torch.Tensor, action_pad_mask: np.ndarray, action_dim: int) -> None:
-    """Action chunking: set the labels of chunk steps past the episode end to IGNORE_INDEX (in place).
-
-    Each row's supervised labels are its (F + 1) x action_dim action tokens, step by step, then EOS
-    (processor.collate tokenizes the whole [F + 1, A] chunk); `action_pad_mask` [B, F + 1] is False for
-    the steps past the end, whose tokens stay in the input but are not learned (EOS still is).
-    """
-    pad = np.asarray(action_pad_mask, bool)
-    steps = pad.shape[1]
-    for b in range(labels_BL.shape[0]):
-        positions = (labels_BL[b] != IGNORE_INDEX).nonzero(as_tuple=True)[0]
-        if len(positions) != steps * action_dim + 1:
-            raise ValueError(
-                f"row {b} has {len(positions)} supervised labels, expected {steps} x {action_dim} action "
-                "tokens + EOS"
-            )
-        past_end = positions[:-1].view(steps, action_dim)[torch.as_tensor(~pad[b])]
-        labels_BL[b, past_end.reshape(-1)] = IGNORE_INDEX
-
-
-def model_inputs(processor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Model inputs of a batch: its normalized actions ([B, A], or [B, F + 1, A] chunks) as action tokens;
-    chunk steps past the episode end are excluded from the loss."""
-    inputs = processor.collate(batch["image"], batch["instruction"], batch["action"])
-    if "action_pad_mask" in batch:
-        mask_padded_chunk_labels(inputs["labels_BL"], batch["action_pad_mask"], batch["action"].shape[-1])
-    return inputs
-
-
-def current_action(batch: dict[str, Any], key: str = "action") -> np.ndarray:
-    """[B, A]: each frame's own action (the first step of a chunk), what predict_action outputs."""
-    action = np.asarray(batch[key])
-    return action[:, 0] if "action_pad_mask" in batch else action
 
 
 @dataclass
@@ -183,32 +85,6 @@ def data_plan(t: TrainingConfig, ctx: DistContext) -> DataPlan:
         rows = slice(ctx.rank * micro, (ctx.rank + 1) * micro)
         return DataPlan(micro, micro * ctx.world_size, 1, 0, rows)
     return DataPlan(micro, micro, ctx.world_size, ctx.rank, slice(None))
-
-
-def lr_factor(step: int, t: TrainingConfig) -> float:
-    """Learning-rate multiplier for the optimizer step that follows `step` completed steps."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.training.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-
-
-def _rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
-    return {k: v[rows] for k, v in batch.items()}
 
 
 def resume_data_position(
@@ -246,126 +122,123 @@ def resume_data_position(
     )
 
 
-@torch.no_grad()
-def validate(
-    vla: torch.nn.Module,
-    processor,
-    cfg: TrainConfig,
-    statistics: dict,
-    image_size: int,
-    ctx: DistContext,
-    batch_size: int,
-) -> dict:
-    """One ordered pass over the first `num_val_frames` frames of the validation split (of every dataset
-    of a mixture, interleaved at the mixture's weights). Call on every rank.
+@dataclass
+class Run:
+    """Everything a run's loop works with, made by `setup`."""
 
-    statistics: {dataset_name: statistics} (run_statistics); physical errors use each frame's own.
+    cfg: TrainConfig
+    ctx: DistContext
+    run_dir: Path
+    config_yaml: str
+    datasets: tuple[tuple[str, float], ...]  # (dataset, raw weight) the run reads
+    norm_stats: dict[str, Any]  # {dataset: statistics + normalization} (OpenVLA's norm_stats)
+    vla: VLA  # the model itself (sharded in place under FSDP)
+    model: torch.nn.Module  # what the training forward calls (the DDP wrapper, or `vla`)
+    processor: Any
+    params: list[torch.Tensor]  # the trainable parameters (clipped together)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: DataPlan
+    stream: FrameStream
+    data_seed: int
+    logger: MetricsLogger | NullLogger
+    watcher: PreemptionWatcher
+    step: int = 0
+    last_saved: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
+    checkpoint: Path | None = None
 
-    Every rank reads the same ordered frames and evaluates every world_size-th batch; ranks without a
-    batch in the last round evaluate a discarded one, so that all ranks run the same number of forwards
-    (FSDP gathers parameters collectively). The sums are added over ranks: the result does not depend on
-    the world size.
-
-    Besides the teacher-forced metrics (OpenVLA's: each action token predicted from the true previous
-    ones), greedy decoding gives `val/generated_*`: what `predict_action` would output. Teacher forcing
-    leaks information (once the true first tokens are given, later ones may follow from them), so only
-    the generated metrics show what a policy knows on its own.
-    """
-    if cfg.training.num_val_frames == 0:
-        return {}
-    was_training = vla.training
-    vla.eval()
-    sums: dict[str, Any] = {}
-
-    def evaluate(batch: dict[str, Any], keep: bool) -> None:
-        inputs = model_inputs(processor, batch)
-        pixels = processor.pixel_values(batch["image"], train=False).to(ctx.device)
-        with autocast(ctx):
-            out = vla(**{k: v.to(ctx.device) for k, v in inputs.items()})
-            generated = vla.predict_action_tokens(processor.inference_prompts(batch["instruction"]), pixels)
-        if keep:
-            names = batch["dataset_name"]
-            accumulate(sums, action_metrics(out, processor.action_tokenizer, names, statistics))
-            # greedy decoding yields one action per frame: compared with the frame's own (a chunk's first)
-            accumulate(
-                sums,
-                generated_metrics(generated.cpu().numpy(), current_action(batch), processor.action_tokenizer),
-            )
-            sums["frames"] = sums.get("frames", 0) + len(batch["instruction"])
-
-    seen, count, mine, first = 0, 0, 0, None
-    for batch in FrameStream(stream_spec(cfg, image_size, train=False, batch_size=batch_size), statistics):
-        take = min(len(batch["instruction"]), cfg.training.num_val_frames - seen)
-        batch = _rows(batch, slice(0, take))
-        first = batch if first is None else first
-        if count % ctx.world_size == ctx.rank:
-            evaluate(batch, keep=True)
-            mine += 1
-        count += 1
-        seen += take
-        if seen >= cfg.training.num_val_frames:
-            break
-    for _ in range(math.ceil(count / ctx.world_size) - mine):
-        evaluate(first, keep=False)
-    reshard(vla)
-    vla.train(was_training)
-    total = sum_over_ranks(sums, ctx)
-    return {**finalize(total, "val"), "val/num_frames": int(total.get("frames", 0))}
-
-
-def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
-    """Run (or resume) a training run on this process's rank; returns the final metrics (on every rank).
-
-    `return_model` adds the trained module (the VLA; sharded under FSDP) under "model", for tests.
-    """
-    ctx = init_distributed(cfg.distributed)
-    try:
-        return _train(cfg, ctx, return_model)
-    finally:
-        shutdown(ctx)
-
-
-def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, Any]:
-    t = cfg.training
-
-    def say(msg: str) -> None:
-        if ctx.is_main:
+    def say(self, msg: str) -> None:
+        if self.ctx.is_main:
             print(msg, flush=True)
 
+
+@dataclass
+class StepResult:
+    sums: dict[str, Any]  # metric sums of the step's micro-batches on this rank (metrics.action_metrics)
+    loss: float  # the last micro-batch's loss on this rank (for the progress bar)
+    lr: float  # the learning rate of this step
+    grad_norm: float  # before clipping, over all ranks
+
+
+@dataclass
+class Window:
+    """The steps since the last metrics line."""
+
+    sums: dict[str, Any] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+
+    def add(self, result: StepResult) -> None:
+        accumulate(self.sums, result.sums)
+        self.steps += 1
+
+
+# ---- setup --------------------------------------------------------------------------------------
+
+
+def run_statistics(cfg: TrainConfig, datasets) -> dict[str, dict[str, Any]]:
+    """{dataset_name: statistics} of every dataset of the run (each computed once and cached under
+    data.stats_cache_dir), plus the normalization mode: OpenVLA's `norm_stats` layout, which FrameStream
+    also accepts as per-dataset statistics."""
+    names = [name for name, _ in datasets]
+    stats = mixture_statistics(cfg.data.data_root_dir, names, cfg.data.stats_cache_dir, cfg.data.on_bad_data)
+    return {name: {**s, "normalization": cfg.data.normalization} for name, s in stats.items()}
+
+
+def run_instructions(cfg: TrainConfig, datasets) -> list[str]:
+    """The distinct instructions of the training splits of every dataset of the run (for the tokenizer)."""
+    instructions: set[str] = set()
+    for name, _ in datasets:
+        builder = open_builder(cfg.data.data_root_dir, name)
+        instructions.update(collect_instructions(builder, split_for(builder, train=True)))
+    out = sorted(instructions)
+    if cfg.data.ablation == "fixed_instruction":
+        out.append(FIXED_INSTRUCTION)
+    return out
+
+
+def _prepare_run_dir(cfg: TrainConfig, ctx: DistContext) -> tuple[Path, str]:
+    """The run directory (named on rank 0), with the config written and uncommitted checkpoint writes of
+    a stopped run removed. Call on every rank."""
     run_dir = Path(broadcast_object(str(run_dir_of(cfg)), ctx))
     config_yaml = to_yaml(cfg)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
+        (run_dir / CONFIG_FILE).write_text(config_yaml)
         for stale in remove_uncommitted(run_dir):
-            say(f"removed the uncommitted checkpoint write {stale.name} (the run was stopped during it)")
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    seed_everything(t.seed)
+            print(f"removed the uncommitted checkpoint write {stale.name} (the run was stopped during it)")
+    return run_dir, config_yaml
 
-    # ---- data: rank 0 builds the synthetic set and the statistics cache, the others read them ---------
-    # Statistics are per dataset ({dataset_name: stats + normalization}, OpenVLA's norm_stats), one entry
-    # for each dataset of a mixture: every frame is normalized (and unnormalized) with its own dataset's.
+
+def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path, datasets) -> dict[str, Any]:
+    """Statistics per dataset ({dataset_name: stats + normalization}, OpenVLA's norm_stats), one entry for
+    each dataset of a mixture: every frame is normalized (and unnormalized) with its own dataset's. Rank 0
+    builds the synthetic set and the statistics cache, and broadcasts them. Call on every rank."""
+    norm_stats = None
     if ctx.is_main:
         if cfg.data.build_synthetic:
             build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic)
-        norm_stats = run_statistics(cfg)
-    norm_stats = broadcast_object(norm_stats if ctx.is_main else None, ctx)  # computed once, on rank 0
+        norm_stats = run_statistics(cfg, datasets)
+    norm_stats = broadcast_object(norm_stats, ctx)
     if ctx.is_main:
-        (run_dir / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
+        (run_dir / STATS_FILE).write_text(json.dumps(norm_stats, indent=2))
+    return norm_stats
 
-    # ---- model: pretrained directory, or built once from config and saved as the run's base model. Every
-    # rank then loads the same directory, so all ranks (and a resumed run) start from identical weights.
-    base_dir = Path(cfg.model.pretrained_dir) if cfg.model.pretrained_dir else run_dir / BASE_MODEL_DIR
+
+def _load_model(cfg: TrainConfig, ctx: DistContext, run_dir: Path, datasets, norm_stats) -> tuple:
+    """(vla with its trainable weights chosen, processor, mode description). The base model is a pretrained
+    directory, or built once from config and saved as the run's base model: every rank then loads the same
+    directory, so all ranks (and a resumed run) start from identical weights. Call on every rank."""
+    t = cfg.training
+    base_dir = base_model_dir(run_dir, cfg)
     if ctx.is_main and not cfg.model.pretrained_dir and not (base_dir / "config.json").is_file():
-        built, built_processor = build_from_config(cfg.model, run_instructions(cfg), seed=t.seed)
+        built, built_processor = build_from_config(cfg.model, run_instructions(cfg, datasets), seed=t.seed)
         save_model_dir(base_dir, built, built_processor, norm_stats)
         del built, built_processor
     barrier(ctx)
     model, processor = load_model_dir(base_dir)
     model.config.norm_stats = norm_stats
-    image_size = model.config.image_size
-
+    use_run_preprocessing(processor, cfg.data)
     torch.manual_seed(t.seed)  # the same adapter init on every rank
     if cfg.lora.enabled:
         vla = apply_lora(model, cfg.lora, ctx.device).get_base_model()
@@ -378,163 +251,245 @@ def _train(cfg: TrainConfig, ctx: DistContext, return_model: bool) -> dict[str, 
         vla = model.to(ctx.device, dtype=torch.float32)
         mode = f"{t.finetune_mode} fine-tune"
     vla.train()
+    return vla, processor, mode
+
+
+def _describe(run: Run, mode: str) -> None:
+    t, ctx, vla = run.cfg.training, run.ctx, run.vla
     num_trainable = sum(p.numel() for p in vla.parameters() if p.requires_grad)
     num_total = sum(p.numel() for p in vla.parameters())
-    model_w = wrap_model(vla, ctx, cfg.distributed)
-    params = [p for p in model_w.parameters() if p.requires_grad]
-    optimizer = optimizer_for(model_w, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t=t))
-    torch.manual_seed(t.seed + 1 + ctx.rank)  # per-rank randomness from here on (e.g. LoRA dropout)
-
-    # ---- resume from the newest committed checkpoint -------------------------------------------------
-    plan = data_plan(t, ctx)
-    step, restored_step, data_seed, skip = 0, None, t.seed, 0
-    ckpt = broadcast_object(latest_checkpoint(run_dir), ctx)
-    if ckpt is not None:
-        restored = restore_checkpoint(ckpt, model_w, optimizer, scheduler, ctx)
-        step = restored_step = restored.step
-        data_seed, skip, data_note = resume_data_position(restored, plan, t, ctx)
-        say(
-            f"resuming {run_dir} from {ckpt.name} (step {step}, saved by {restored.saved_world_size} rank(s))"
-        )
-        for note in [*restored.notes, data_note]:
-            say(f"  {note}")
-    stream = FrameStream(
-        stream_spec(cfg, image_size, True, plan.stream_batch, data_seed, plan.num_shards, plan.shard_index),
-        norm_stats,
-    )
-    if skip:
-        stream.load_state_dict({"num_batches_yielded": skip, "seed": data_seed})
-
-    def data_state() -> dict[str, Any]:
-        return {
-            "stream": stream.state_dict(),
-            "seed": data_seed,
-            "sharding": t.data_sharding,
-            "stream_batch": plan.stream_batch,
-            "rank": ctx.rank,
-        }
-
-    def checkpoint() -> Path:
-        return save_checkpoint(
-            run_dir,
-            step,
-            model_w,
-            optimizer,
-            scheduler,
-            ctx,
-            data_state=data_state(),
-            state={"lora": cfg.lora.enabled, "data_sharding": t.data_sharding},
-            config_yaml=config_yaml,
-            keep_last=t.keep_last_checkpoints,
-        )
-
-    say(
-        f"run {run_dir}: {num_trainable / 1e6:.3f}M trainable of {num_total / 1e6:.3f}M parameters, {mode}, "
+    run.say(
+        f"run {run.run_dir}: {num_trainable / 1e6:.3f}M trainable of {num_total / 1e6:.3f}M parameters, {mode}, "
         f"{ctx.strategy} on {ctx.world_size} process(es), {ctx.precision}, device {ctx.device}; global batch "
-        f"{t.batch_size} = {ctx.world_size} x {t.grad_accum_steps} x {plan.micro_batch}"
+        f"{t.batch_size} = {ctx.world_size} x {t.grad_accum_steps} x {run.plan.micro_batch}"
     )
-    if cfg.data.mixture:
-        weights = resolve_mixture(
-            cfg.data.datasets(),
-            cfg.data.balance_weights,
-            {name: s["num_transitions"] for name, s in norm_stats.items()},
-        )
-        say(
-            f"data: mixture '{cfg.data.mixture}' of {len(weights)} datasets, sampling weights "
+    if run.cfg.data.mixture:
+        counts = {name: s["num_transitions"] for name, s in run.norm_stats.items()}
+        weights = resolve_mixture(run.datasets, run.cfg.data.balance_weights, counts)
+        run.say(
+            f"data: mixture '{run.cfg.data.mixture}' of {len(weights)} datasets, sampling weights "
             + ", ".join(f"{name} {w:.3f}" for name, w in weights)
         )
+
+
+def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
+    """Everything a run needs, resumed from its newest committed checkpoint if it has one. Call on every
+    rank."""
+    t = cfg.training
+    run_dir, config_yaml = _prepare_run_dir(cfg, ctx)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    seed_everything(t.seed)
+    datasets = run_datasets(cfg.data)
+    norm_stats = _prepare_data(cfg, ctx, run_dir, datasets)
+    vla, processor, mode = _load_model(cfg, ctx, run_dir, datasets, norm_stats)
+    model = wrap_model(vla, ctx, cfg.distributed)
+    optimizer = optimizer_for(model, t)
+    scheduler = schedule_for(optimizer, t)
+    torch.manual_seed(t.seed + 1 + ctx.rank)  # per-rank randomness from here on (e.g. LoRA dropout)
+
+    plan = data_plan(t, ctx)
+    step, data_seed, skip, ckpt = 0, t.seed, 0, broadcast_object(latest_checkpoint(run_dir), ctx)
+    notes = []
+    if ckpt is not None:
+        restored = restore_checkpoint(ckpt, model, optimizer, scheduler, ctx)
+        step = restored.step
+        data_seed, skip, data_note = resume_data_position(restored, plan, t, ctx)
+        notes = [
+            f"resuming {run_dir} from {ckpt.name} (step {step}, saved by {restored.saved_world_size} rank(s))",
+            *[f"  {note}" for note in [*restored.notes, data_note]],
+        ]
+    spec = stream_spec(
+        cfg,
+        datasets,
+        vla.config.image_size,
+        True,
+        plan.stream_batch,
+        data_seed,
+        plan.num_shards,
+        plan.shard_index,
+    )
+    stream = FrameStream(spec, norm_stats)
+    if skip:
+        stream.load_state_dict({"num_batches_yielded": skip, "seed": data_seed})
     logger = (
         MetricsLogger(run_dir, cfg.logging, draccus.encode(cfg), t.max_steps, step)
         if ctx.is_main
         else NullLogger()
     )
-    watcher = PreemptionWatcher()
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = Run(
+        cfg=cfg, ctx=ctx, run_dir=run_dir, config_yaml=config_yaml, datasets=datasets, norm_stats=norm_stats,
+        vla=vla, model=model, processor=processor, params=params, optimizer=optimizer, scheduler=scheduler,
+        plan=plan, stream=stream, data_seed=data_seed, logger=logger, watcher=PreemptionWatcher(),
+        step=step, last_saved=step if ckpt else None, checkpoint=ckpt,
+    )  # fmt: skip
+    for line in notes:
+        run.say(line)
+    _describe(run, mode)
+    return run
+
+
+# ---- one step -----------------------------------------------------------------------------------
+
+
+def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult | None:
+    """One optimizer step over this rank's micro-batches: forward/backward each (gradients synced on the
+    last), clip, step, schedule. Call on every rank.
+
+    One collective comes first: the step's supervised-token count over all ranks and micro-batches (the
+    loss is the sum of token losses over it), and whether any rank was asked to stop; on a stop nothing
+    is updated and None is returned.
+    """
+    ctx, vla = run.ctx, run.vla
+    inputs = [model_inputs(run.processor, b) for b in micro_batches]
+    n_tok = [int((x["labels_BL"][:, 1:] != IGNORE_INDEX).sum()) for x in inputs]
+    n_tok_global, stop = all_reduce_sum([sum(n_tok), float(run.watcher.requested)], ctx)
+    if stop:
+        return None
+    lr = run.optimizer.param_groups[0]["lr"]
     sums: dict[str, Any] = {}
-    window_start, window_steps = time.perf_counter(), 0
-    last_saved = restored_step
-    preempted = ""
-    try:
-        batches = iter(stream) if step < t.max_steps else iter(())
-        while step < t.max_steps:
-            micro = [_rows(next(batches), plan.rows) for _ in range(t.grad_accum_steps)]
-            inputs = [model_inputs(processor, b) for b in micro]
-            n_tok = [int((x["labels_BL"][:, 1:] != IGNORE_INDEX).sum()) for x in inputs]
-            # One collective per step: the step's supervised tokens over all ranks, and whether any rank
-            # was asked to stop.
-            n_tok_global, stop = all_reduce_sum([sum(n_tok), float(watcher.requested)], ctx)
-            if stop:
-                preempted = watcher.signal_name or "a signal on another rank"
-                break
-            lr = optimizer.param_groups[0]["lr"]
-            for i, (b, x) in enumerate(zip(micro, inputs)):
-                with gradient_sync(model_w, enabled=i == len(micro) - 1):
-                    with autocast(ctx):
-                        out = model_w(**{k: v.to(ctx.device) for k, v in x.items()})
-                    # Sum of token losses / the step's token count over ranks and micro-batches; DDP and
-                    # FSDP average gradients over ranks, hence the world size factor.
-                    (out.loss * (n_tok[i] * ctx.world_size / n_tok_global)).backward()
-                # per-dataset sums (an extra cross-entropy) only when the run reads several datasets
-                names = b["dataset_name"] if len(norm_stats) > 1 else None
-                accumulate(sums, action_metrics(out, processor.action_tokenizer, names))
-                sums["frames"] = sums.get("frames", 0) + len(b["instruction"])
-                sums["tokens"] = (
-                    sums.get("tokens", 0)
-                    + int(x["attention_mask_BL"].sum())
-                    + len(b["instruction"]) * vla.config.num_patches
-                )
-            grad_norm = clip_grad_norm(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_steps += 1
-            logger.progress(1, loss=out.loss.item())
-            if step % cfg.logging.log_every == 0 or step == t.max_steps:
-                total = sum_over_ranks(sums, ctx)
-                # what the data pipeline dropped so far (all ranks), by reason: nothing is dropped silently
-                drops = sum_over_ranks({k: float(v) for k, v in stream.drop_counts().items()}, ctx)
-                elapsed = time.perf_counter() - window_start
-                logger.log(
-                    step,
-                    {
-                        **finalize(total, "train"),
-                        "train/lr": lr,
-                        "train/grad_norm": grad_norm,
-                        "train/step_time_s": elapsed / window_steps,
-                        "train/samples_per_s": total["frames"] / elapsed,
-                        "train/tokens_per_s": total["tokens"] / elapsed,
-                        **{f"data/dropped_{reason}": int(n) for reason, n in drops.items()},
-                    },
-                )
-                sums, window_start, window_steps = {}, time.perf_counter(), 0
-            if t.val_every and step % t.val_every == 0 and step < t.max_steps:
-                logger.log(step, validate(vla, processor, cfg, norm_stats, image_size, ctx, plan.micro_batch))
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-                ckpt = checkpoint()
-                last_saved = step
-        if preempted:
-            ckpt = checkpoint() if last_saved != step else ckpt
-            say(f"stopped by {preempted} at step {step}; checkpoint {ckpt}; relaunch to resume")
-            return {"step": step, "run_dir": str(run_dir), "checkpoint": str(ckpt), "preempted": preempted}
-        val = validate(vla, processor, cfg, norm_stats, image_size, ctx, plan.micro_batch)
-        if val:
-            logger.log(step, val)
-    finally:
-        watcher.close()
-        logger.close()
-    if val and math.isnan(val["val/loss"]):
-        raise RuntimeError("validation loss is NaN: the run diverged")
-    if last_saved != step:
-        ckpt = checkpoint()
-    result = {"step": step, "run_dir": str(run_dir), "checkpoint": str(ckpt), **val}
+    for i, (b, x) in enumerate(zip(micro_batches, inputs, strict=True)):
+        with gradient_sync(run.model, enabled=i == len(micro_batches) - 1):
+            with autocast(ctx):
+                out = run.model(**{k: v.to(ctx.device) for k, v in x.items()})
+            # DDP and FSDP average gradients over ranks, hence the world size factor.
+            (out.loss * (n_tok[i] * ctx.world_size / n_tok_global)).backward()
+        # per-dataset sums (an extra cross-entropy) only when the run reads several datasets
+        names = b["dataset_name"] if len(run.norm_stats) > 1 else None
+        accumulate(sums, action_metrics(out, run.processor.action_tokenizer, names))
+        frames = len(b["instruction"])
+        tokens = int(x["attention_mask_BL"].sum()) + frames * vla.config.num_patches
+        accumulate(sums, {"frames": frames, "tokens": tokens})
+    grad_norm = clip_grad_norm(run.params, run.cfg.training.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(sums, out.loss.item(), lr, grad_norm)
+
+
+# ---- the loop and its once-in-a-while blocks ----------------------------------------------------
+
+
+def _log_window(run: Run, window: Window, last: StepResult) -> None:
+    """The metrics line of the steps since the last one, summed over ranks. Call on every rank."""
+    total = sum_over_ranks(window.sums, run.ctx)
+    # what the data pipeline dropped so far (all ranks), by reason: nothing is dropped silently
+    drops = sum_over_ranks({k: float(v) for k, v in run.stream.drop_counts().items()}, run.ctx)
+    elapsed = time.perf_counter() - window.start
+    run.logger.log(
+        run.step,
+        {
+            **finalize(total, "train"),
+            "train/lr": last.lr,
+            "train/grad_norm": last.grad_norm,
+            "train/step_time_s": elapsed / window.steps,
+            "train/samples_per_s": total["frames"] / elapsed,
+            "train/tokens_per_s": total["tokens"] / elapsed,
+            **{f"data/dropped_{reason}": int(n) for reason, n in drops.items()},
+        },
+    )
+
+
+def _validate(run: Run) -> dict:
+    """Validation metrics of the run's model now. Call on every rank."""
+    spec = stream_spec(run.cfg, run.datasets, run.vla.config.image_size, False, run.plan.micro_batch)
+    return validate(run.vla, run.processor, spec, run.norm_stats, run.cfg.training.num_val_frames, run.ctx)
+
+
+def _save(run: Run) -> Path:
+    """Commit a checkpoint of the current step. Call on every rank."""
+    t = run.cfg.training
+    data_state = {
+        "stream": run.stream.state_dict(),
+        "seed": run.data_seed,
+        "sharding": t.data_sharding,
+        "stream_batch": run.plan.stream_batch,
+        "rank": run.ctx.rank,
+    }
+    run.checkpoint = save_checkpoint(
+        run.run_dir,
+        run.step,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.ctx,
+        data_state=data_state,
+        state={"lora": run.cfg.lora.enabled, "data_sharding": t.data_sharding},
+        config_yaml=run.config_yaml,
+        keep_last=t.keep_last_checkpoints,
+    )
+    run.last_saved = run.step
+    return run.checkpoint
+
+
+def _loop(run: Run) -> str:
+    """Train until max_steps or a stop signal; returns the signal's name ("" when max_steps was reached)."""
+    t, every = run.cfg.training, run.cfg.logging.log_every
+    window = Window()
+    batches = iter(run.stream) if run.step < t.max_steps else iter(())
+    while run.step < t.max_steps:
+        micro = [{k: v[run.plan.rows] for k, v in next(batches).items()} for _ in range(t.grad_accum_steps)]
+        result = train_step(run, micro)
+        if result is None:
+            return run.watcher.signal_name or "a signal on another rank"
+        run.step += 1
+        window.add(result)
+        run.logger.progress(1, loss=result.loss)
+        if run.step % every == 0 or run.step == t.max_steps:
+            _log_window(run, window, result)
+            window = Window()
+        if t.val_every and run.step % t.val_every == 0 and run.step < t.max_steps:
+            run.logger.log(run.step, _validate(run))
+        if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
+            _save(run)
+    return ""
+
+
+def _finish(run: Run, preempted: str) -> dict[str, Any]:
+    """The run's end: a checkpoint of the last step (unless it has one), and final validation unless the
+    run was stopped. Call on every rank."""
+    if preempted:
+        ckpt = _save(run) if run.last_saved != run.step else run.checkpoint
+        run.say(f"stopped by {preempted} at step {run.step}; checkpoint {ckpt}; relaunch to resume")
+        return {
+            "step": run.step,
+            "run_dir": str(run.run_dir),
+            "checkpoint": str(ckpt),
+            "preempted": preempted,
+        }
+    val = _validate(run)
     if val:
-        say(
-            f"done: step {step}, val/action_token_accuracy {val['val/action_token_accuracy']:.3f}, "
+        run.logger.log(run.step, val)
+        if math.isnan(val["val/loss"]):
+            raise RuntimeError("validation loss is NaN: the run diverged")
+    ckpt = _save(run) if run.last_saved != run.step else run.checkpoint
+    if val:
+        run.say(
+            f"done: step {run.step}, val/action_token_accuracy {val['val/action_token_accuracy']:.3f}, "
             f"val/action_l1 {val['val/action_l1']:.4f}, val/loss {val['val/loss']:.4f}; checkpoint {ckpt}"
         )
     else:
-        say(f"done: step {step}; checkpoint {ckpt}")
-    if return_model:
-        result["model"] = vla
-    return result
+        run.say(f"done: step {run.step}; checkpoint {ckpt}")
+    return {"step": run.step, "run_dir": str(run.run_dir), "checkpoint": str(ckpt), **val}
+
+
+def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run on this process's rank; returns the final metrics (on every rank).
+
+    `return_model` adds the trained module (the VLA; sharded under FSDP) under "model", for tests.
+    """
+    ctx = init_distributed(cfg.distributed)
+    try:
+        run = setup(cfg, ctx)
+        try:
+            result = _finish(run, _loop(run))
+        finally:
+            run.watcher.close()
+            run.logger.close()
+        return {**result, "model": run.vla} if return_model else result
+    finally:
+        shutdown(ctx)
+
+
+__all__ = ["Run", "StepResult", "data_plan", "setup", "train", "train_step"]

@@ -1,10 +1,10 @@
-"""Bad input: turning what goes wrong inside a tf.data pipeline into errors that name the dataset, the
-episode and the key (or the file), and what to do about it.
+"""Bad-data errors: `DatasetError`, and turning what goes wrong inside a tf.data pipeline into errors that
+name the dataset, the episode and the key (or the file), and what to do about it.
 
 Two kinds of failure surface only while a pipeline runs, as TensorFlow errors:
 
 - bad values found by the pipeline's own checks (NaN/inf actions or proprio in `transforms.EpisodeFilter`,
-  a corrupt JPEG in the loader's frame map, every episode dropped by the filters). With
+  a corrupt JPEG in the pipeline's `FrameCheck`, every episode dropped by the filters). With
   `on_bad_data=raise` those checks fail a `tf.debugging.Assert` whose message is built by
   `bad_data_message` (inside the graph); `diagnose_read_error` recognizes the message and returns it as a
   `DatasetError`. With `on_bad_data=skip` the episode or frame is dropped and counted instead.
@@ -31,7 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vla_train.data.rlds import DatasetError
+from vla_train.data.tf_setup import tf
+
+
+class DatasetError(ValueError):
+    """A problem with a dataset on disk; the message names the dataset and what to do."""
+
 
 # Marks a message built by `bad_data_message`, so that diagnose_read_error can find it inside the text of a
 # TensorFlow error (which adds its own prefix, node names and escapes quotes).
@@ -45,8 +50,6 @@ SKIP_HINT = "set data.on_bad_data=skip to drop and count such episodes"
 def bad_data_message(*parts):
     """A scalar tf.string for `tf.debugging.Assert(ok, [bad_data_message(...)])`: the parts (Python
     strings or scalar tf.string tensors) joined and tagged so `diagnose_read_error` can extract them."""
-    import tensorflow as tf
-
     return tf.strings.join(
         [_OPEN, *[tf.cast(p, tf.string) if not isinstance(p, str) else p for p in parts], _CLOSE]
     )
@@ -54,8 +57,6 @@ def bad_data_message(*parts):
 
 def first_string(x, default: str = "?"):
     """The first element of a [T] string tensor as a scalar (`default` for an empty or absent one)."""
-    import tensorflow as tf
-
     if x is None:
         return tf.constant(default)
     return tf.strings.reduce_join(tf.concat([x[:1], tf.constant([default])], 0)[:1])
@@ -80,7 +81,7 @@ def non_finite_key(action: np.ndarray, proprio: np.ndarray) -> str | None:
 
 def tfrecord_files(data_root_dir: str | Path, dataset_name: str) -> list[Path]:
     """The TFRecord files of a dataset's newest version directory."""
-    from vla_train.data.rlds import version_dir
+    from vla_train.data.rlds import version_dir  # rlds imports this module: resolved at call time
 
     return sorted(p for p in version_dir(data_root_dir, dataset_name).iterdir() if ".tfrecord" in p.name)
 
@@ -88,8 +89,6 @@ def tfrecord_files(data_root_dir: str | Path, dataset_name: str) -> list[Path]:
 def first_unreadable(files: Iterable[Path]) -> tuple[Path, str] | None:
     """(file, TensorFlow's complaint) of the first file whose records cannot all be read (bad CRC,
     truncated), or None."""
-    import tensorflow as tf
-
     for path in files:
         try:
             for _ in tf.data.TFRecordDataset(str(path), buffer_size=1 << 20):
@@ -108,8 +107,6 @@ def _short(message: str) -> str:
 
 
 def _is_read_error(exc: BaseException) -> bool:
-    import tensorflow as tf
-
     if isinstance(exc, tf.errors.DataLossError):
         return True
     text = getattr(exc, "message", str(exc))
@@ -167,8 +164,6 @@ def diagnose_read_error(
 def read_errors_named(data_root_dir: str | Path, dataset_names: str | Sequence[str]) -> Iterator[None]:
     """Around an iteration over `dataset_names`: a TensorFlow error about the data becomes the DatasetError
     of `diagnose_read_error`; any other error passes unchanged."""
-    import tensorflow as tf
-
     try:
         yield
     except tf.errors.OpError as e:
@@ -180,6 +175,7 @@ def read_errors_named(data_root_dir: str | Path, dataset_names: str | Sequence[s
 
 __all__ = [
     "SKIP_HINT",
+    "DatasetError",
     "bad_data_message",
     "diagnose_read_error",
     "first_string",

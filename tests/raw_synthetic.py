@@ -782,7 +782,7 @@ def _builder_class(
     import tensorflow_datasets as tfds
 
     class RawSyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Synthetic episodes in one dataset's raw layout (see vla_train/data/raw_synthetic.py)."""
+        """Synthetic episodes in one dataset's raw layout (see tests/raw_synthetic.py)."""
 
         VERSION = tfds.core.Version(version)
         RELEASE_NOTES = {version: "Synthetic raw-layout data written by vla_train."}

@@ -1,0 +1,320 @@
+"""The tf.data graph of a frame stream: RLDS trajectories of every dataset read (rlds.read_episodes, with
+their registry standardization) -> filters and trajectory transforms (transforms.py) -> a JPEG check ->
+frames -> a weighted interleave of the datasets -> shuffle (still encoded) -> decode -> padded batches.
+
+Resizing, augmentation and normalization happen after the graph, in numpy (stream.py), so this module
+ends at decoded frames of each dataset's stored size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from vla_train.data.errors import DatasetError, bad_data_message, first_string
+from vla_train.data.mixture import allocate_threads, resolve_mixture
+from vla_train.data.normalize import default_action_mask
+from vla_train.data.rlds import dataset_spec, open_builder, read_episodes, split_for, split_size, version_dir
+from vla_train.data.tf_setup import tf
+from vla_train.data.transforms import EpisodeFilter, apply_trajectory_transforms
+
+if TYPE_CHECKING:
+    from vla_train.data.stream import StreamSpec
+
+log = logging.getLogger(__name__)
+FIXED_INSTRUCTION = "complete the task"
+
+
+def _jpeg_markers_ok(image_bytes):
+    """Cheap integrity check of an encoded JPEG: start-of-image marker first, end-of-image marker last
+    (a truncated or overwritten file fails it; decoding is what would catch subtler damage)."""
+    n = tf.strings.length(image_bytes)
+    head = tf.strings.substr(image_bytes, 0, 2)
+    pos = tf.maximum(n - 2, 0)
+    tail = tf.strings.substr(image_bytes, pos, tf.fill(tf.shape(pos), 2))
+    return tf.logical_and(tf.equal(head, b"\xff\xd8"), tf.equal(tail, b"\xff\xd9"))
+
+
+def decode_frame(image_bytes, may_be_missing: bool = True):
+    """Encoded JPEG -> (uint8 [H, W, 3], shape [2]); an empty string (a camera the dataset does not have;
+    never the primary one) gives a 0 x 0 image, which FrameStream turns into a black frame."""
+    if not may_be_missing:
+        img = tf.io.decode_jpeg(image_bytes, channels=3)
+    else:
+        img = tf.cond(
+            tf.strings.length(image_bytes) > 0,
+            lambda: tf.io.decode_jpeg(image_bytes, channels=3),
+            lambda: tf.zeros([0, 0, 3], tf.uint8),
+        )
+    return img, tf.shape(img)[:2]
+
+
+class FrameCheck:
+    """`ds.map(FrameCheck(...))` on trajectories (after their transforms, before they are split into
+    frames): a frame whose JPEG (any requested camera, or its goal image) fails the marker check raises
+    (on_bad_data=raise: the error names the dataset, episode and camera key) or is dropped and counted
+    (skip; `counts()`). Checking whole trajectories keeps the per-frame cost to a few microseconds."""
+
+    def __init__(self, cameras: list[str], on_bad_data: str):
+        self.cameras = cameras  # every trajectory has image_<role> for each (rlds.read_episodes)
+        self.on_bad_data = on_bad_data
+        self._dropped = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def __call__(self, traj):
+        n = tf.shape(traj["action"])[0]
+        ok = tf.ones([n], tf.bool)
+        keys = [f"observation/image_{r}" for r in self.cameras]
+        if "image_primary" in traj.get("task", {}):
+            keys.append("task/image_primary")
+        checks = []
+        for key in keys:
+            group, name = key.split("/")
+            data = traj[group][name]
+            # an empty string is a camera the dataset does not have (a black frame), not a corrupt one
+            good = tf.logical_or(tf.equal(tf.strings.length(data), 0), _jpeg_markers_ok(data))
+            if self.on_bad_data == "raise":
+                message = bad_data_message(
+                    "dataset '", first_string(traj["dataset_name"]), "': episode '",
+                    first_string(traj["episode_id"]), "' step ",
+                    tf.strings.as_string(tf.argmin(tf.cast(good, tf.int32))),
+                    f" has a corrupt JPEG (no start/end-of-image marker) in '{key}'; set "
+                    "data.on_bad_data=skip to drop and count such frames",
+                )  # fmt: skip
+                checks.append(tf.debugging.Assert(tf.reduce_all(good), [message]))
+            ok = tf.logical_and(ok, good)
+        with tf.control_dependencies(checks):
+            dropped = tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.int64))
+        with tf.control_dependencies([self._dropped.assign_add(dropped)]):
+            return tf.nest.map_structure(lambda x: tf.boolean_mask(x, ok), traj)
+
+    def counts(self) -> dict[str, int]:
+        return {"corrupt_jpeg": int(self._dropped.numpy())}
+
+
+def memory_plan(spec: StreamSpec, bytes_per_frame: float) -> dict[str, int]:
+    """Shuffle buffer (frames) and prefetch depth (batches) within data.ram_budget_gb: 70% for the
+    shuffle buffer of encoded frames (counted at 1.5x their stored size for tensor overhead), 20% for
+    decoded batches in flight (prefetch + tf.data's autotuned buffers, capped by `autotune_ram_bytes`),
+    the rest for the readers. With no budget the configured shuffle_buffer_size is used as is."""
+    d = spec.data
+    batch_bytes = spec.batch_size * spec.image_size**2 * 3 * (len(d.cameras) + int(d.goal_relabeling))
+    if d.ram_budget_gb <= 0:
+        return {"shuffle_buffer_size": d.shuffle_buffer_size, "prefetch": 2, "autotune_ram_bytes": 0}
+    budget = d.ram_budget_gb * 1024**3
+    fit = int(0.7 * budget / max(1.5 * bytes_per_frame, 1.0))
+    return {
+        "shuffle_buffer_size": max(1, min(d.shuffle_buffer_size, fit)),
+        "prefetch": int(max(1, min(4, 0.05 * budget // max(batch_bytes, 1)))),
+        "autotune_ram_bytes": int(0.2 * budget),
+    }
+
+
+def bytes_per_frame(data_root_dir: str, num_transitions: dict[str, int]) -> float:
+    """The largest average stored size of one frame (all its fields) over the datasets read: the bytes
+    of every split in each dataset's dataset_info.json (no builder is opened) over its transitions."""
+    worst = 0.0
+    for name, steps in num_transitions.items():
+        info = json.loads((version_dir(data_root_dir, name) / "dataset_info.json").read_text())
+        total = sum(int(split.get("numBytes", 0)) for split in info.get("splits", []))
+        worst = max(worst, total / max(steps, 1))
+    return worst
+
+
+def _absolute_action_mask(dataset_name: str) -> list[bool] | None:
+    """The gripper (last dim of a dataset with one) is absolute: chunk padding repeats it."""
+    spec = dataset_spec(dataset_name)
+    if not spec.has_gripper:
+        return None
+    return [not m for m in default_action_mask(spec.action_dim)]
+
+
+def _transformed(spec: StreamSpec, ds, dataset_name: str, index: int, threads: int):
+    """The trajectory transforms of spec.data (chunking, proprio window, subsampling, goal relabeling), each
+    episode seeded by (run seed, dataset index, episode index); none configured leaves `ds` as it is."""
+    d = spec.data
+    if not (
+        d.future_action_window_size > 0 or d.window_size > 1 or spec.subsample_length or d.goal_relabeling
+    ):
+        return ds
+    absolute = _absolute_action_mask(dataset_name)
+
+    def transform(episode_index, traj):
+        seed = tf.stack([tf.cast(spec.seed * 1000 + index, tf.int64), episode_index])
+        return apply_trajectory_transforms(
+            traj,
+            seed,
+            future_action_window_size=d.future_action_window_size,
+            window_size=d.window_size,
+            subsample_length=spec.subsample_length,
+            goal_relabeling=d.goal_relabeling,
+            absolute_action_mask=absolute,
+        )
+
+    return ds.enumerate().map(transform, num_parallel_calls=threads, deterministic=True)
+
+
+def _dataset_frames(spec: StreamSpec, dataset_name: str, index: int, threads: int, filters: list):
+    """Frames (still encoded) of one dataset: filtered, transformed, checked, repeated when training.
+    `filters` receives the dataset's transforms.EpisodeFilter and FrameCheck (their `counts()`)."""
+    d = spec.data
+    builder = open_builder(d.data_root_dir, dataset_name)
+    split = split_for(builder, spec.train)
+    # read_episodes raises a DatasetError for an empty split, a missing key or a wrong action width
+    ds = read_episodes(
+        builder,
+        split,
+        shuffle_files=spec.train,
+        seed=spec.seed,
+        dataset_name=dataset_name,
+        cameras=tuple(d.cameras),
+    )
+    episodes = split_size(builder, split, dataset_name)
+    if spec.num_shards > 1:
+        ds = ds.shard(spec.num_shards, spec.shard_index)
+        episodes = len(range(spec.shard_index, episodes, spec.num_shards))
+        if episodes == 0 and spec.train:
+            raise DatasetError(
+                f"dataset '{dataset_name}': split '{split}' has fewer episodes than the {spec.num_shards} "
+                f"data-parallel ranks, so rank {spec.shard_index} would read nothing; use fewer ranks"
+            )
+    # Episodes without an instruction carry no supervision for a language-conditioned policy; episodes
+    # beyond max_action / max_proprio are dropped too, and episodes with NaN/inf action or proprio raise or
+    # are dropped (on_bad_data). episode_filter counts every drop; a training pass that keeps no episode
+    # raises with those counts instead of ending the dataset's stream.
+    episode_filter = EpisodeFilter(
+        max_action=d.max_action,
+        max_proprio=d.max_proprio,
+        on_bad_data=d.on_bad_data,
+        episodes_per_pass=episodes if spec.train else 0,
+        split=split,
+    )
+    frame_check = FrameCheck(list(d.cameras), d.on_bad_data)
+    filters += [episode_filter, frame_check]
+    ds = ds.filter(episode_filter)
+    if spec.train:
+        ds = ds.repeat()  # at episode level, so each pass draws new random transforms
+    ds = _transformed(spec, ds, dataset_name, index, threads)
+    # plain TF code: skipping autograph's conversion makes tracing (per dataset of a mixture) faster
+    check = tf.autograph.experimental.do_not_convert(frame_check)
+    ds = ds.map(check, num_parallel_calls=threads, deterministic=True)
+    return ds.unbatch()  # frames (much cheaper than flat_map(from_tensor_slices))
+
+
+def _uniform_frames(streams, names: list[str]):
+    """Give every dataset's frames the same structure so a mixture can interleave and batch them (the
+    cameras already agree, rlds.read_episodes): proprio zero-padded to the widest dataset's. Datasets
+    whose actions differ in width cannot share a batch: that raises."""
+    widths = {n: s.element_spec["action"].shape[-1] for n, s in zip(names, streams, strict=True)}
+    if len(set(widths.values())) > 1:
+        raise DatasetError(
+            f"the mixture's datasets have different action widths {widths}; a batch needs one width "
+            "(standardize them to the same action encoding, e.g. 7-dim EEF_POS)"
+        )
+    proprio_widths = [s.element_spec["observation"]["proprio"].shape[-1] for s in streams]
+    if None in proprio_widths or len(set(proprio_widths)) == 1:
+        return streams  # nothing to pad (unknown static widths are left as they are)
+    widest = max(proprio_widths)
+
+    def pad_proprio(f):
+        p = f["observation"]["proprio"]
+        pad = [*[[0, 0]] * (len(p.shape) - 1), [0, widest - p.shape[-1]]]
+        return {**f, "observation": {**f["observation"], "proprio": tf.pad(p, pad)}}
+
+    convert = tf.autograph.experimental.do_not_convert(pad_proprio)
+    return [s if w == widest else s.map(convert) for s, w in zip(streams, proprio_widths, strict=True)]
+
+
+def _mixed_frames(spec: StreamSpec, num_transitions: dict[str, int], filters: list):
+    """Every dataset's frames, interleaved at the (optionally size-balanced) mixture weights."""
+    d = spec.data
+    mixture = list(spec.datasets)
+    weighted = resolve_mixture(mixture, d.balance_weights and len(mixture) > 1, num_transitions)
+    if d.num_parallel_calls:
+        threads = allocate_threads(max(d.num_parallel_calls, len(weighted)), [w for _, w in weighted])
+    else:
+        threads = [tf.data.AUTOTUNE] * len(weighted)
+    streams = [
+        _dataset_frames(spec, name, i, n, filters)
+        for i, ((name, _), n) in enumerate(zip(weighted, threads, strict=True))
+    ]
+    streams = _uniform_frames(streams, [n for n, _ in weighted])
+    if len(streams) == 1:
+        return streams[0]
+    return tf.data.Dataset.sample_from_datasets(
+        streams, weights=[w for _, w in weighted], seed=spec.seed, stop_on_empty_dataset=False
+    )
+
+
+def _decoder(spec: StreamSpec):
+    """The per-frame map after the shuffle: decoded (not yet resized) cameras with their sizes, the frame's
+    augmentation index, and the frame's other fields. FrameStream resizes and augments whole batches
+    outside TensorFlow (image_ops)."""
+    d = spec.data
+    roles = [("image" if r == "primary" else f"image_{r}", f"image_{r}") for r in d.cameras]
+
+    def frame(index, f):
+        out = {}
+        for key, obs_key in roles:
+            out[f"{key}/raw"], out[f"{key}/shape"] = decode_frame(f["observation"][obs_key], key != "image")
+            if key != "image":
+                out[f"{key}_mask"] = tf.strings.length(f["observation"][obs_key]) > 0
+        if spec.augment:
+            out["frame_index"] = index  # seeds the frame's augmentation (augment.augment_params)
+        instruction = f["task"]["language_instruction"]
+        if d.ablation == "fixed_instruction":
+            instruction = tf.constant(FIXED_INSTRUCTION)
+        out.update(
+            instruction=instruction,
+            action=f["action"],
+            proprio=f["observation"]["proprio"],
+            dataset_name=f["dataset_name"],
+            episode_id=f["episode_id"],
+        )
+        if "action_pad_mask" in f:
+            out["action_pad_mask"] = f["action_pad_mask"]
+        if "proprio_pad_mask" in f["observation"]:
+            out["proprio_pad_mask"] = f["observation"]["proprio_pad_mask"]
+        if "image_primary" in f["task"]:
+            out["goal_image/raw"], out["goal_image/shape"] = decode_frame(f["task"]["image_primary"], False)
+        return out
+
+    return tf.autograph.experimental.do_not_convert(frame)
+
+
+def build_tf_dataset(spec: StreamSpec, num_transitions: dict[str, int], filters=None, skip_batches: int = 0):
+    """tf.data.Dataset of batches {image/raw [B,H,W,3] uint8 decoded frames (zero-padded to the batch's
+    largest) and image/shape [B,2] (the primary camera; image_<role>/raw, /shape and image_<role>_mask for
+    the other data.cameras), frame_index [B] (train with augmentation: the frames' positions in the
+    stream, which seed their augmentation), instruction [B] string, action
+    [B,A] (or [B,F+1,A] with action_pad_mask), proprio, dataset_name, episode_id (, goal_image/raw)}.
+    FrameStream resizes (and augments) the images and normalizes the actions.
+
+    num_transitions: {dataset: count} of every dataset read (its statistics' num_transitions), for
+    balance_weights and the memory plan. filters: an optional list that receives each dataset's
+    transforms.EpisodeFilter and the FrameCheck (their `counts()` are the drops). skip_batches: start
+    after this many batches (resume).
+    """
+    d = spec.data
+    ds = _mixed_frames(spec, num_transitions, [] if filters is None else filters)
+    plan = memory_plan(spec, bytes_per_frame(d.data_root_dir, num_transitions))
+    if spec.train:
+        log.info(
+            "data: shuffle buffer %d frames, prefetch %d batches (ram_budget_gb %s)",
+            plan["shuffle_buffer_size"], plan["prefetch"], d.ram_budget_gb or "no cap",
+        )  # fmt: skip
+        ds = ds.shuffle(plan["shuffle_buffer_size"], seed=spec.seed, reshuffle_each_iteration=True)
+    ds = ds.enumerate()
+    if skip_batches:
+        # resume: skip still-encoded frames (cheap) rather than decoded batches; enumerate keeps each
+        # frame's index, hence its augmentation seed
+        ds = ds.skip(skip_batches * spec.batch_size)
+    parallel = d.num_parallel_calls or tf.data.AUTOTUNE
+    ds = ds.map(_decoder(spec), num_parallel_calls=parallel, deterministic=True)
+    # frames of datasets stored at different sizes share a batch zero-padded (their sizes are kept)
+    ds = ds.padded_batch(spec.batch_size, drop_remainder=spec.train)
+    options = tf.data.Options()
+    options.deterministic = True
+    if plan["autotune_ram_bytes"]:
+        options.autotune.ram_budget = plan["autotune_ram_bytes"]
+    return ds.with_options(options).prefetch(plan["prefetch"])
