@@ -334,7 +334,8 @@ def test_frames_carry_their_episode_id_through_the_transforms(bad):
         subsample_length=2,
         goal_relabeling=True,
     )
-    frames = list(_dataset_frames(spec, DATASET_NAME, 0, 1, []).take(20).as_numpy_iterator())
+    parts = {"filters": [], "readers": []}
+    frames = list(_dataset_frames(spec, DATASET_NAME, 0, 1, (0, 0, 0, 0), parts).take(20).as_numpy_iterator())
     assert all(re.fullmatch(DATASET_NAME + TFDS_ID, f["episode_id"].decode()) for f in frames)
     assert frames[0]["action"].shape == (3, 7) and "image_primary" in frames[0]["task"]
     assert len({f["episode_id"] for f in frames}) > 1

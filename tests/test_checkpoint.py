@@ -100,7 +100,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(small
     state = load_checkpoint(run_dir / "checkpoints" / "step_00000006")
     assert state["state"]["step"] == 6 and state["trainable"]
     data = json.loads((run_dir / "checkpoints" / "step_00000006" / "data_rank0.json").read_text())
-    assert data["stream"]["num_batches_yielded"] == 6
+    assert data["stream"]["shards"]["0"]["num_batches_yielded"] == 6
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(small_synthetic, tmp_path):

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from test_trainer import tiny_args, train_losses
 
-from vla_test_utils import REPO, run_cli
+from vla_test_utils import run_cli
+from vla_test_utils import torchrun as launch
 
 pytestmark = pytest.mark.slow
 
@@ -55,27 +54,8 @@ COMMON = [
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N -m vla_train.cli ARGS`; the process group is killed when
-    it outlives LAUNCH_TIMEOUT_S."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "vla_train.cli", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {LAUNCH_TIMEOUT_S}s:\n{out[-2000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """`torchrun --standalone --nproc_per_node N -m vla_train.cli ARGS` under LAUNCH_TIMEOUT_S."""
+    return launch("-m", "vla_train.cli", *args, nproc=nproc, timeout=LAUNCH_TIMEOUT_S)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -155,3 +135,126 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
     full, one = train_losses(out / "fsdp"), train_losses(tmp_path / "one")
     assert sorted(one) == list(range(11, 21))
     assert max(abs(one[s] - full[s]) for s in one) <= LOSS_ATOL
+
+
+# ---- read shards: each rank reads its own files ---------------------------------------------------
+
+SHARDED = [
+    "--lora.enabled",
+    "false",
+    "--training.max_steps",
+    "150",
+    "--training.batch_size",
+    "16",
+    # gentle enough that the runs' rounding differences (summation order) do not grow chaotically
+    "--training.learning_rate",
+    "0.0003",
+    "--data.mixture",
+    "syn_files",
+    "--data.shuffle_buffer_size",
+    "16",
+    "--data.ram_budget_gb",
+    "0",
+    "--training.num_val_frames",
+    "8",
+    "--distributed.timeout_s",
+    "120",
+]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """The same 150-step run on a 2-dataset mixture of 4-file datasets: one process reading everything
+    itself (1 read shard), one process reading 2 read shards, and 2 DDP ranks reading one each."""
+    from vla_test_utils import multi_file_mixture
+
+    root = tmp_path_factory.mktemp("sharded_data")
+    registry = multi_file_mixture(root, tmp_path_factory.mktemp("sharded_builds"))
+    out = tmp_path_factory.mktemp("sharded_runs")
+    common = [*SHARDED, "--data.registry_files", f"[{registry}]"]
+    ok(run_cli("train_main", *tiny_args(root, out, "alone", *common), timeout=LAUNCH_TIMEOUT_S))
+    two = [*common, "--data.read_shards", "2"]
+    ok(run_cli("train_main", *tiny_args(root, out, "one_two_shards", *two), timeout=LAUNCH_TIMEOUT_S))
+    ok(torchrun(*tiny_args(root, out, "ranks", *common, "--distributed.strategy", "ddp")))
+    return out
+
+
+def _records_read(run_dir: Path) -> list[int]:
+    import json
+
+    ckpt = run_dir / "checkpoints" / "step_00000150"
+    files = sorted(ckpt.glob("data_rank*.json"))
+    return [json.loads(f.read_text())["records_read"] for f in files]
+
+
+def test_each_rank_reads_its_own_files_and_training_matches_one_process(sharded_runs):
+    """Each of 2 ranks reads at most 55% of the episode records one process reads alone for the same
+    steps, and the 2-rank run's losses equal those of one process reading the same 2 read shards."""
+    out = sharded_runs
+    (alone,) = _records_read(out / "alone")
+    ranks = _records_read(out / "ranks")
+    fractions = [r / alone for r in ranks]
+    print(f"records read: alone {alone}, per rank {ranks} ({', '.join(f'{f:.3f}' for f in fractions)})")
+    assert len(ranks) == 2 and max(fractions) <= 0.55
+    one, two = train_losses(out / "one_two_shards"), train_losses(out / "ranks")
+    assert sorted(one) == sorted(two) == list(range(1, 151))
+    diffs = [abs(one[s] - two[s]) for s in one]
+    print(f"2 ranks vs one process on 2 read shards: max |loss difference| = {max(diffs):.3g}")
+    assert max(diffs) <= LOSS_ATOL
+
+
+# ---- statistics of an uncached dataset take longer than the collective watchdog --------------------
+
+SLOW_STANDARDIZE = """
+import os
+import time
+
+import tensorflow as tf
+
+from vla_train.data.standardize import STANDARDIZE_FNS
+
+_calls = [0]
+
+
+def _pause(x):
+    _calls[0] += 1
+    # rank 0's statistics pass (the dataset's share is rank 0's; every episode of both splits), not the
+    # training reads that follow it
+    if os.environ.get("RANK") == "0" and _calls[0] <= 30:
+        time.sleep(0.4)
+    return x
+
+
+def slow_vla_synthetic(traj):
+    traj = STANDARDIZE_FNS["vla_synthetic"](traj)
+    action = tf.py_function(_pause, [traj["action"]], tf.float32)
+    action.set_shape(traj["action"].shape)
+    return {**traj, "action": action}
+"""
+
+
+def test_a_slow_first_statistics_pass_does_not_trip_the_watchdog(small_synthetic, tmp_path):
+    """Rank 0 computes the statistics of an uncached dataset for ~12 s while the watchdog allows 5 s:
+    the ranks wait for it under data.stats_timeout_s instead, and the log says what was computed and how
+    long it took."""
+    src, _ = small_synthetic
+    (tmp_path / "slow_std.py").write_text(SLOW_STANDARDIZE)
+    root = tmp_path / "data"
+    shutil.copytree(src / "vla_synthetic", root / "slow_ds")
+    registry = tmp_path / "slow.yaml"
+    registry.write_text(
+        "datasets:\n  slow_ds:\n    image_obs_keys: {primary: image, secondary: null, wrist: null}\n"
+        "    state_obs_keys: [state]\n    state_encoding: POS_EULER\n    action_encoding: EEF_POS\n"
+        "    standardize_fn: slow_std:slow_vla_synthetic\n"
+    )
+    args = tiny_args(root, tmp_path, "slow", "--training.max_steps", "2", "--data.dataset_name", "slow_ds")
+    args += ["--data.registry_files", f"[{registry}]", "--distributed.timeout_s", "5"]
+    args += ["--lora.enabled", "false", "--data.stats_cache_dir", str(tmp_path / "stats")]
+    os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    try:
+        proc = ok(torchrun(*args, "--distributed.strategy", "ddp"))
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("statistics of 1 dataset(s)"))
+    assert "rank 0 computed slow_ds in" in line and "0 from the cache" in line
+    assert float(line.split("ready after ")[1].split(" s")[0]) > 5  # longer than the watchdog

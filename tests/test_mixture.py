@@ -247,8 +247,8 @@ def test_memory_plan_sizes_shuffle_buffer_and_prefetch():
 
     assert memory_plan(s(0.0), 20_000)["shuffle_buffer_size"] == 100_000  # no budget: as configured
     plan = memory_plan(s(1.0), 20_000)
-    # 70% of 1 GiB over 1.5 x 20 kB per encoded frame
-    assert plan["shuffle_buffer_size"] == int(0.7 * 1024**3 / 30_000)
+    # 70% of 1 GiB over 3 blocks in memory x 1.5 x 20 kB per encoded frame
+    assert plan["shuffle_buffer_size"] == int(0.7 * 1024**3 / (3 * 30_000))
     assert plan["autotune_ram_bytes"] == int(0.2 * 1024**3)
     assert 1 <= plan["prefetch"] <= 4
     assert memory_plan(s(64.0), 20_000)["shuffle_buffer_size"] == 100_000  # the budget only caps it

@@ -1,6 +1,9 @@
 """Refactors keep the numbers: the fixed tiny recipe (tests/reference/tiny_recipe.yaml, one process)
-gives exactly the 50 training losses stored in tests/reference/tiny_recipe_losses.json, which were
-produced before the trainer/loader refactor.
+gives exactly the 50 training losses stored in tests/reference/tiny_recipe_losses.json.
+
+History of the file: written before the trainer/loader refactor (issue 10), which reproduced it bitwise;
+rewritten on purpose when the stream's order changed to be reachable by position (issue 11: files read
+by position, counter-based mixture draws, block shuffle instead of tf.data's sliding shuffle buffer).
 
 The promise is bitwise on the same machine and torch version (design.md, determinism). On another CPU
 (torch and numba pick their kernels by instruction set) float sums may differ in the last bits, so there

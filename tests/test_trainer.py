@@ -195,20 +195,36 @@ def test_per_dataset_metrics_add_up():
 
 
 def test_resume_data_position_on_another_world_size():
+    """A data position carries over when the resumed run reads the same read shards (the same
+    data.read_shards, or batch_slice's one global stream), at any world size; otherwise the stream
+    restarts reshuffled."""
+    from vla_train.config import DataConfig
     from vla_train.training.checkpoint import Restored
     from vla_train.training.distributed import DistContext
     from vla_train.training.trainer import data_plan, resume_data_position
 
-    t = TrainingConfig(batch_size=8, seed=7)
     one = DistContext(0, 1, 0, torch.device("cpu"), "single", "fp32", None, False)
-    saved = {"stream": {"num_batches_yielded": 10}, "seed": 7, "sharding": "episodes", "stream_batch": 4}
-    seed, skip, note = resume_data_position(Restored(10, 2, saved), data_plan(t, one), t, one)
-    assert (seed, skip) == (17, 0)
+
+    def saved(rank, sharding="episodes", num_shards=2):
+        shards = (
+            {str(s): {"block": s} for s in range(rank, num_shards, 2)}
+            if sharding == "episodes"
+            else {"0": {}}
+        )
+        return {"stream": {"shards": shards}, "seed": 7, "sharding": sharding, "num_shards": num_shards}
+
+    t = TrainingConfig(batch_size=8, seed=7)
+    two_ranks = Restored(10, 2, [saved(0), saved(1)])
+    seed, state, note = resume_data_position(two_ranks, data_plan(t, DataConfig(), one), t, one)
+    assert (seed, state) == (17, None)
     assert "restarted from the beginning of a reshuffled stream" in note and "2 -> 1" in note
+    fixed = DataConfig(read_shards=2)
+    seed, state, note = resume_data_position(two_ranks, data_plan(t, fixed, one), t, one)
+    assert seed == 7 and state == {"shards": {"0": {"block": 0}, "1": {"block": 1}}} and "kept" in note
     t = TrainingConfig(batch_size=8, seed=7, data_sharding="batch_slice")
-    saved = {"stream": {"num_batches_yielded": 10}, "seed": 7, "sharding": "batch_slice", "stream_batch": 8}
-    seed, skip, note = resume_data_position(Restored(10, 2, saved), data_plan(t, one), t, one)
-    assert (seed, skip) == (7, 10) and "kept" in note
+    sliced = Restored(10, 2, [saved(0, "batch_slice", 1), saved(1, "batch_slice", 1)])
+    seed, state, note = resume_data_position(sliced, data_plan(t, DataConfig(), one), t, one)
+    assert seed == 7 and state == {"shards": {"0": {}}} and "kept" in note
 
 
 # ---- training runs (in this process) --------------------------------------------------------------
@@ -379,3 +395,20 @@ def test_validation_sees_images_as_the_exported_policy_does(small_synthetic, tmp
     processor.settings = dc.replace(processor.settings, center_crop_area=1.0)
     uncropped = validate(model, processor, spec, stats, cfg.training.num_val_frames, one)
     assert uncropped["val/loss"] != logged["val/loss"]
+
+
+def test_threads_per_rank_come_from_the_cores_available_to_it(monkeypatch):
+    """A rank bound to some cores uses its mask; otherwise the node's cores split among its ranks."""
+    import os
+
+    from vla_train.training import distributed
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.cores_per_rank() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert distributed.cores_per_rank() == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6})  # numactl / --cpu-bind
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.cores_per_rank() == 3

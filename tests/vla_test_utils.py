@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,31 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def torchrun(*cmd: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N CMD` (one torch thread per rank); the whole process group
+    is killed and the test fails when it outlives `timeout` seconds."""
+    import pytest
+
+    full = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        full,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(full, proc.returncode, out, err)
 
 
 def frame_spec(root, **overrides):
@@ -93,4 +119,30 @@ def synthetic_copies(
         shutil.copytree(src_root / DATASET_NAME, root / name)
     registry = root / "registry.yaml"
     registry.write_text(registry_yaml(datasets, mixtures))
+    return registry
+
+
+def multi_file_mixture(root: Path, work: Path, files: int = 4) -> Path:
+    """Under `root`: a 48-episode synthetic dataset in `files` TFRecord files per split, under its own name
+    and as 'syn_files_b', and a 1-file one 'syn_one_file'; root/registry.yaml registers both copies and the
+    mixture 'syn_files' (1:1). `work` holds the builds. Returns the registry file."""
+    from vla_train.config import SyntheticDataConfig
+    from vla_train.data.synthetic import DATASET_NAME, build_synthetic_dataset
+
+    cfg = SyntheticDataConfig(
+        num_train_episodes=48, num_val_episodes=4, steps_per_episode=4, image_size=32, seed=5, num_files=files
+    )
+    build_synthetic_dataset(work / "files", cfg)
+    one = SyntheticDataConfig(
+        num_train_episodes=12, num_val_episodes=2, steps_per_episode=4, image_size=32, seed=6
+    )
+    build_synthetic_dataset(work / "one", one)
+    registry = synthetic_copies(
+        work / "files",
+        root,
+        [DATASET_NAME, "syn_files_b"],
+        {"syn_files_b": "vla_synthetic", "syn_one_file": "vla_synthetic"},
+        {"syn_files": [(DATASET_NAME, 1.0), ("syn_files_b", 1.0)]},
+    )
+    shutil.copytree(work / "one" / DATASET_NAME, root / "syn_one_file")
     return registry

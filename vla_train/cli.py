@@ -20,17 +20,35 @@ def train_main(argv: list[str] | None = None) -> None:
     The same command trains under torchrun (`torchrun --nproc_per_node 2 -m vla_train.cli ...` or
     `torchrun ... $(which vla-train) ...`): the config is validated for the launch's world size before any
     process group starts.
+
+    `--preflight-only` prints the memory preflight's table (training/preflight.py) and exits, before any
+    weight is read or TensorFlow is imported: status 0 when the estimate fits (or training.preflight is
+    warn/off), 2 with the changes that would fit when it does not under strict.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preflight_only = "--preflight-only" in argv
+    argv = [a for a in argv if a != "--preflight-only"]
     try:
         cfg = parse_config(TrainConfig, argv)
     except ConfigError as e:
         _fail(e)
+    if preflight_only:
+        from vla_train.config import launch_world_size
+        from vla_train.training.distributed import local_world_size
+        from vla_train.training.preflight import check_before_loading
+
+        mode = "strict" if cfg.training.preflight == "strict" else "warn"  # asked for: print it even if off
+        try:
+            check_before_loading(cfg, launch_world_size(), local_world_size(), mode=mode)
+        except ConfigError as e:
+            _fail(e)
+        return
     from vla_train.data.errors import DatasetError
     from vla_train.training.trainer import train
 
     try:
         train(cfg)
-    except DatasetError as e:
+    except (DatasetError, ConfigError) as e:  # bad data, or a configuration the preflight refused
         _fail(e)
 
 

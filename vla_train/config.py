@@ -81,9 +81,12 @@ class SyntheticDataConfig:
     image_size: int = 64
     # Seed of the episode generator: the same seed writes the same dataset.
     seed: int = 0
+    # TFRecord files per split (read shards split a dataset by files); 0 = as tfds sizes them.
+    num_files: int = 0
 
     def validate(self, prefix: str) -> list[str]:
         errs = _at_least(self, prefix, 1, "num_train_episodes", "num_val_episodes", "steps_per_episode")
+        errs += _at_least(self, prefix, 0, "num_files", note="0 = as tfds sizes them")
         return errs + _at_least(self, prefix, 16, "image_size", note="pixels")
 
 
@@ -107,6 +110,9 @@ class DataConfig:
     shuffle_buffer_size: int = 20000
     # Directory for cached dataset statistics; empty means <data_root_dir>/vla_train_stats.
     stats_cache_dir: str = ""
+    # How long ranks wait for each other while the statistics are computed (the first pass over a large
+    # mixture takes hours; the collective watchdog, distributed.timeout_s, does not apply to it), seconds.
+    stats_timeout_s: int = 21600
     # OpenVLA's train-time image augmentation (random resized crop + color jitter).
     image_augmentation: bool = False
     # Diagnostic modality ablation: none, blank_image (all frames black) or fixed_instruction (one
@@ -135,6 +141,10 @@ class DataConfig:
     # Cameras to read, by registry role: primary (batch key image), secondary, wrist (image_<role>).
     # A dataset without a listed camera gets black frames and image_<role>_mask False.
     cameras: list[str] = field(default_factory=lambda: ["primary"])
+    # Disjoint read shards of the training data (training.data_sharding episodes): each rank reads the
+    # files of its shards only. 0 = one per rank. A fixed number (a multiple of the world size) gives the
+    # same global batches, and an exact resume, at any world size that divides it.
+    read_shards: int = 0
     # Host RAM this process's data pipeline may use, in GiB: it caps the shuffle buffer (encoded frames,
     # sized from the datasets' average frame size) and the prefetch depth. 0 = no cap.
     ram_budget_gb: float = 8.0
@@ -151,6 +161,8 @@ class DataConfig:
         errs += _at_least(self, prefix, 1, "window_size", "shuffle_buffer_size")
         errs += _at_least(self, prefix, 0, "ram_budget_gb", note="0 = no cap")
         errs += _at_least(self, prefix, 0, "num_parallel_calls", note="0 = autotune")
+        errs += _at_least(self, prefix, 0, "read_shards", note="0 = one per rank")
+        errs += _at_least(self, prefix, 1, "stats_timeout_s", note="seconds")
         errs += _one_of(self, prefix, "normalization", ("bounds_q99", "bounds", "normal"))
         errs += _one_of(self, prefix, "ablation", ("none", "blank_image", "fixed_instruction"))
         errs += _one_of(self, prefix, "on_bad_data", ("raise", "skip"))
@@ -461,8 +473,13 @@ class TrainingConfig:
     # batch_slice (every rank reads the one global stream and keeps its rows: the same frames at any
     # world size, so a resume on another world size continues exactly; costs world x the decoding).
     data_sharding: str = "episodes"
-    # Torch threads for the CPU path (0 = torch default).
+    # CPU threads of this rank for torch, tf.data and the image kernels (0 = the cores available to the
+    # rank: its affinity mask, or the node's cores over the processes on the node).
     num_threads: int = 0
+    # Memory preflight before any weight loads: strict (refuse a config estimated not to fit), warn, or off.
+    preflight: str = "strict"
+    # Device memory per rank the preflight plans for, in GiB; 0 = detect it (set it to plan for another).
+    preflight_device_memory_gb: float = 0.0
 
     def validate(self, prefix: str = "training") -> list[str]:
         errs = []
@@ -476,6 +493,9 @@ class TrainingConfig:
         errs += _at_least(self, prefix, 0, "max_grad_norm", note="0 disables clipping")
         errs += _one_of(self, prefix, "lr_schedule", LR_SCHEDULES)
         errs += _one_of(self, prefix, "data_sharding", ("episodes", "batch_slice"))
+        if self.preflight != "False":  # YAML reads a bare `off` as false, which draccus hands over as "False"
+            errs += _one_of(self, prefix, "preflight", ("strict", "warn", "off"))
+        errs += _at_least(self, prefix, 0, "preflight_device_memory_gb", note="0 = detect")
         errs += _one_of(
             self, prefix, "finetune_mode", FINETUNE_MODES, note="LoRA/QLoRA: lora.enabled / lora.quantization"
         )
@@ -570,12 +590,29 @@ def launch_problems(cfg: TrainConfig, world_size: int) -> list[str]:
             )
         )
     per_step = world_size * t.grad_accum_steps
-    if t.batch_size >= 1 and t.grad_accum_steps >= 1 and t.batch_size % per_step:
+    shards = cfg.data.read_shards if t.data_sharding == "episodes" else 0
+    if shards and shards % world_size:
+        errs.append(
+            _problem(
+                "data.read_shards",
+                f"{shards} read shards do not divide among {world_size} ranks; use a multiple of {world_size} "
+                "(or 0: one per rank)",
+            )
+        )
+    elif t.batch_size >= 1 and t.grad_accum_steps >= 1 and t.batch_size % per_step:
         errs.append(
             _problem(
                 "training.batch_size",
                 f"the global batch {t.batch_size} does not split into {world_size} ranks x "
                 f"{t.grad_accum_steps} micro-batches; use a multiple of {per_step}",
+            )
+        )
+    elif shards and t.batch_size % (shards * t.grad_accum_steps):
+        errs.append(
+            _problem(
+                "training.batch_size",
+                f"the global batch {t.batch_size} does not split into {shards} read shards x "
+                f"{t.grad_accum_steps} micro-batches; use a multiple of {shards * t.grad_accum_steps}",
             )
         )
     return errs

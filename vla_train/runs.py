@@ -49,6 +49,7 @@ def stream_spec(
     seed: int | None = None,
     num_shards: int = 1,
     shard_index: int = 0,
+    num_threads: int = 0,
 ) -> StreamSpec:
     """The frame stream of a run's training (train=True) or validation (train=False) data over `datasets`
     (mixture.run_datasets of cfg.data), with the config's trajectory transforms."""
@@ -61,6 +62,7 @@ def stream_spec(
         train=train,
         num_shards=num_shards,
         shard_index=shard_index,
+        num_threads=num_threads,
     )
 
 

@@ -1,6 +1,15 @@
 """The tf.data graph of a frame stream: RLDS trajectories of every dataset read (rlds.read_episodes, with
-their registry standardization) -> filters and trajectory transforms (transforms.py) -> a JPEG check ->
-frames -> a weighted interleave of the datasets -> shuffle (still encoded) -> decode -> padded batches.
+their registry standardization, each read shard reading only its own files) -> filters and trajectory
+transforms (transforms.py) -> a JPEG check -> frames -> a weighted interleave of the datasets -> block
+shuffle (still encoded) -> decode -> padded batches.
+
+Every step is a function of positions, not of history, so that a training stream can start anywhere
+(`StreamStart`) after reading at most one shuffle block:
+- each dataset's frames come in reader order (rlds.EpisodeOrder: epoch, file position, record) and each
+  frame knows its place there (`_cursor`: epoch, file position, record, frame in the episode);
+- frame m of the mixture comes from the dataset drawn by a counter-based draw of (seed, m);
+- the mixture's frames are shuffled in consecutive blocks of `shuffle_block_size` frames, block j by a
+  permutation drawn from (seed, j); `_position` is a frame's place in the shuffled stream.
 
 Resizing, augmentation and normalization happen after the graph, in numpy (stream.py), so this module
 ends at decoded frames of each dataset's stored size.
@@ -10,12 +19,22 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vla_train.data.errors import DatasetError, bad_data_message, first_string
 from vla_train.data.mixture import allocate_threads, resolve_mixture
 from vla_train.data.normalize import default_action_mask
-from vla_train.data.rlds import dataset_spec, open_builder, read_episodes, split_for, split_size, version_dir
+from vla_train.data.rlds import (
+    EpisodeOrder,
+    RecordCounter,
+    dataset_spec,
+    open_builder,
+    read_episodes,
+    shard_episodes,
+    split_for,
+    version_dir,
+)
 from vla_train.data.tf_setup import tf
 from vla_train.data.transforms import EpisodeFilter, apply_trajectory_transforms
 
@@ -24,6 +43,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FIXED_INSTRUCTION = "complete the task"
+_CHOICES_PER_DRAW = 1024  # mixture draws made per stateless op (each frame's draw depends on its index only)
+# Shuffle blocks held at once: the one being emitted, the next one (prefetched) and the one being filled.
+BLOCKS_IN_MEMORY = 3
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Where a training stream starts: the shuffle block being emitted, how many of its frames were
+    consumed already, and for each dataset the first of its frames that block draws from (epoch, file
+    position, record, frame in the episode; a dataset not listed starts at the beginning)."""
+
+    block: int = 0
+    in_block: int = 0
+    cursors: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 def _jpeg_markers_ok(image_bytes):
@@ -93,16 +126,17 @@ class FrameCheck:
 
 
 def memory_plan(spec: StreamSpec, bytes_per_frame: float) -> dict[str, int]:
-    """Shuffle buffer (frames) and prefetch depth (batches) within data.ram_budget_gb: 70% for the
-    shuffle buffer of encoded frames (counted at 1.5x their stored size for tensor overhead), 20% for
-    decoded batches in flight (prefetch + tf.data's autotuned buffers, capped by `autotune_ram_bytes`),
-    the rest for the readers. With no budget the configured shuffle_buffer_size is used as is."""
+    """Shuffle block (frames) and prefetch depth (batches) within data.ram_budget_gb: 70% for the
+    BLOCKS_IN_MEMORY shuffle blocks of encoded frames (counted at 1.5x their stored size for tensor
+    overhead), 20% for decoded batches in flight (prefetch + tf.data's autotuned buffers, capped by
+    `autotune_ram_bytes`), the rest for the readers. With no budget the configured shuffle_buffer_size is
+    used as is."""
     d = spec.data
     batch_bytes = spec.batch_size * spec.image_size**2 * 3 * (len(d.cameras) + int(d.goal_relabeling))
     if d.ram_budget_gb <= 0:
         return {"shuffle_buffer_size": d.shuffle_buffer_size, "prefetch": 2, "autotune_ram_bytes": 0}
     budget = d.ram_budget_gb * 1024**3
-    fit = int(0.7 * budget / max(1.5 * bytes_per_frame, 1.0))
+    fit = int(0.7 * budget / max(BLOCKS_IN_MEMORY * 1.5 * bytes_per_frame, 1.0))
     return {
         "shuffle_buffer_size": max(1, min(d.shuffle_buffer_size, fit)),
         "prefetch": int(max(1, min(4, 0.05 * budget // max(batch_bytes, 1)))),
@@ -131,7 +165,8 @@ def _absolute_action_mask(dataset_name: str) -> list[bool] | None:
 
 def _transformed(spec: StreamSpec, ds, dataset_name: str, index: int, threads: int):
     """The trajectory transforms of spec.data (chunking, proprio window, subsampling, goal relabeling), each
-    episode seeded by (run seed, dataset index, episode index); none configured leaves `ds` as it is."""
+    episode seeded by (run seed, dataset index, the episode's reader position); none configured leaves `ds`
+    as it is."""
     d = spec.data
     if not (
         d.future_action_window_size > 0 or d.window_size > 1 or spec.subsample_length or d.goal_relabeling
@@ -139,8 +174,8 @@ def _transformed(spec: StreamSpec, ds, dataset_name: str, index: int, threads: i
         return ds
     absolute = _absolute_action_mask(dataset_name)
 
-    def transform(episode_index, traj):
-        seed = tf.stack([tf.cast(spec.seed * 1000 + index, tf.int64), episode_index])
+    def transform(traj):
+        seed = tf.stack([tf.constant(spec.seed * 1000 + index, tf.int64), traj["episode_key"][0]])
         return apply_trajectory_transforms(
             traj,
             seed,
@@ -151,33 +186,42 @@ def _transformed(spec: StreamSpec, ds, dataset_name: str, index: int, threads: i
             absolute_action_mask=absolute,
         )
 
-    return ds.enumerate().map(transform, num_parallel_calls=threads, deterministic=True)
+    return ds.map(transform, num_parallel_calls=threads, deterministic=True)
 
 
-def _dataset_frames(spec: StreamSpec, dataset_name: str, index: int, threads: int, filters: list):
-    """Frames (still encoded) of one dataset: filtered, transformed, checked, repeated when training.
-    `filters` receives the dataset's transforms.EpisodeFilter and FrameCheck (their `counts()`)."""
+def _number_frames(traj):
+    """Each frame's place in its (transformed, checked) episode: the frame part of its `_cursor`."""
+    n = tf.shape(traj["action"], out_type=tf.int64)[0]
+    frame = tf.range(n, dtype=tf.int64)
+    return {
+        **traj,
+        "_cursor": tf.concat([traj["episode_position"], frame[:, None]], 1),
+        "_episode_frames": tf.fill([n], n),
+    }
+
+
+def _dataset_frames(spec: StreamSpec, dataset_name: str, index: int, threads: int, start, parts: dict):
+    """Frames (still encoded) of one dataset in reader order, from cursor `start` (epoch, file position,
+    record, frame): filtered, transformed, checked, repeated when training. `parts` collects the
+    dataset's EpisodeFilter and FrameCheck (under "filters") and its RecordCounter (under "readers")."""
     d = spec.data
     builder = open_builder(d.data_root_dir, dataset_name)
     split = split_for(builder, spec.train)
+    epoch, position, record, frame = start
+    order = EpisodeOrder(
+        train=spec.train,
+        seed=spec.seed,
+        dataset_index=index,
+        num_shards=spec.num_shards,
+        shard_index=spec.shard_index,
+        start=(epoch, position, record),
+    )
+    counter = RecordCounter()
     # read_episodes raises a DatasetError for an empty split, a missing key or a wrong action width
     ds = read_episodes(
-        builder,
-        split,
-        shuffle_files=spec.train,
-        seed=spec.seed,
-        dataset_name=dataset_name,
-        cameras=tuple(d.cameras),
+        builder, split, order, dataset_name=dataset_name, cameras=tuple(d.cameras), counter=counter
     )
-    episodes = split_size(builder, split, dataset_name)
-    if spec.num_shards > 1:
-        ds = ds.shard(spec.num_shards, spec.shard_index)
-        episodes = len(range(spec.shard_index, episodes, spec.num_shards))
-        if episodes == 0 and spec.train:
-            raise DatasetError(
-                f"dataset '{dataset_name}': split '{split}' has fewer episodes than the {spec.num_shards} "
-                f"data-parallel ranks, so rank {spec.shard_index} would read nothing; use fewer ranks"
-            )
+    episodes = shard_episodes(builder, split, dataset_name, spec.num_shards, spec.shard_index)
     # Episodes without an instruction carry no supervision for a language-conditioned policy; episodes
     # beyond max_action / max_proprio are dropped too, and episodes with NaN/inf action or proprio raise or
     # are dropped (on_bad_data). episode_filter counts every drop; a training pass that keeps no episode
@@ -190,15 +234,15 @@ def _dataset_frames(spec: StreamSpec, dataset_name: str, index: int, threads: in
         split=split,
     )
     frame_check = FrameCheck(list(d.cameras), d.on_bad_data)
-    filters += [episode_filter, frame_check]
+    parts["filters"] += [episode_filter, frame_check]
+    parts["readers"].append(counter)
     ds = ds.filter(episode_filter)
-    if spec.train:
-        ds = ds.repeat()  # at episode level, so each pass draws new random transforms
     ds = _transformed(spec, ds, dataset_name, index, threads)
     # plain TF code: skipping autograph's conversion makes tracing (per dataset of a mixture) faster
     check = tf.autograph.experimental.do_not_convert(frame_check)
-    ds = ds.map(check, num_parallel_calls=threads, deterministic=True)
-    return ds.unbatch()  # frames (much cheaper than flat_map(from_tensor_slices))
+    ds = ds.map(check, num_parallel_calls=threads, deterministic=True).map(_number_frames)
+    ds = ds.unbatch()  # frames (much cheaper than flat_map(from_tensor_slices))
+    return ds.skip(frame) if frame else ds  # a resumed stream: the frames of its episode already read
 
 
 def _uniform_frames(streams, names: list[str]):
@@ -225,8 +269,26 @@ def _uniform_frames(streams, names: list[str]):
     return [s if w == widest else s.map(convert) for s, w in zip(streams, proprio_widths, strict=True)]
 
 
-def _mixed_frames(spec: StreamSpec, num_transitions: dict[str, int], filters: list):
-    """Every dataset's frames, interleaved at the (optionally size-balanced) mixture weights."""
+def _mixture_choices(seed: int, weights: list[float], first: int):
+    """The dataset index of mixture frames first, first + 1, ...: frame m's from a counter-based draw of
+    (seed, m // _CHOICES_PER_DRAW), so any frame's source is known without drawing the ones before."""
+    logits = tf.math.log(tf.constant([weights], tf.float32))
+    n = _CHOICES_PER_DRAW
+
+    def draw(chunk):
+        picks = tf.random.stateless_categorical(
+            logits, n, seed=tf.stack([tf.constant(seed, tf.int64), chunk])
+        )
+        return picks[0]
+
+    return tf.data.Dataset.range(first // n, 2**62).map(draw).unbatch().skip(first % n)
+
+
+def _mixed_frames(
+    spec: StreamSpec, num_transitions: dict[str, int], parts: dict, start: StreamStart, block: int
+):
+    """Every dataset's frames, interleaved at the (optionally size-balanced) mixture weights, from the
+    frame `start` says (its block's first frame in the mixture)."""
     d = spec.data
     mixture = list(spec.datasets)
     weighted = resolve_mixture(mixture, d.balance_weights and len(mixture) > 1, num_transitions)
@@ -235,15 +297,32 @@ def _mixed_frames(spec: StreamSpec, num_transitions: dict[str, int], filters: li
     else:
         threads = [tf.data.AUTOTUNE] * len(weighted)
     streams = [
-        _dataset_frames(spec, name, i, n, filters)
+        _dataset_frames(spec, name, i, n, start.cursors.get(name, (0, 0, 0, 0)), parts)
         for i, ((name, _), n) in enumerate(zip(weighted, threads, strict=True))
     ]
     streams = _uniform_frames(streams, [n for n, _ in weighted])
     if len(streams) == 1:
         return streams[0]
-    return tf.data.Dataset.sample_from_datasets(
-        streams, weights=[w for _, w in weighted], seed=spec.seed, stop_on_empty_dataset=False
-    )
+    choices = _mixture_choices(spec.seed * 1000 + 997, [w for _, w in weighted], start.block * block)
+    return tf.data.Dataset.choose_from_datasets(streams, choices, stop_on_empty_dataset=False)
+
+
+def _shuffled_blocks(ds, spec: StreamSpec, block: int, start: StreamStart):
+    """The frames shuffled within consecutive blocks of `block` frames, block j by a permutation drawn
+    from (seed, j); each frame gets its `_position` in the shuffled stream. The next block is assembled
+    while one is emitted. Starts at block start.block, with its first start.in_block frames dropped."""
+    seed = tf.constant(spec.seed * 1000 + 991, tf.int64)
+
+    def shuffle(j, frames):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(block, dtype=tf.int64), seed=tf.stack([seed, j])
+        )
+        shuffled = tf.nest.map_structure(lambda x: tf.gather(x, order), frames)
+        return {**shuffled, "_position": j * block + tf.range(block, dtype=tf.int64)}
+
+    ds = ds.batch(block, drop_remainder=True).enumerate(start=start.block).map(shuffle).prefetch(1)
+    ds = ds.unbatch()
+    return ds.skip(start.in_block) if start.in_block else ds
 
 
 def _decoder(spec: StreamSpec):
@@ -253,14 +332,14 @@ def _decoder(spec: StreamSpec):
     d = spec.data
     roles = [("image" if r == "primary" else f"image_{r}", f"image_{r}") for r in d.cameras]
 
-    def frame(index, f):
-        out = {}
+    def frame(f):
+        out = {k: f[k] for k in ("_cursor", "_episode_frames", "_position") if k in f}
         for key, obs_key in roles:
             out[f"{key}/raw"], out[f"{key}/shape"] = decode_frame(f["observation"][obs_key], key != "image")
             if key != "image":
                 out[f"{key}_mask"] = tf.strings.length(f["observation"][obs_key]) > 0
         if spec.augment:
-            out["frame_index"] = index  # seeds the frame's augmentation (augment.augment_params)
+            out["frame_index"] = f["_position"]  # seeds the frame's augmentation (augment.augment_params)
         instruction = f["task"]["language_instruction"]
         if d.ablation == "fixed_instruction":
             instruction = tf.constant(FIXED_INSTRUCTION)
@@ -282,39 +361,50 @@ def _decoder(spec: StreamSpec):
     return tf.autograph.experimental.do_not_convert(frame)
 
 
-def build_tf_dataset(spec: StreamSpec, num_transitions: dict[str, int], filters=None, skip_batches: int = 0):
+def shuffle_block_size(spec: StreamSpec, num_transitions: dict[str, int]) -> int:
+    """Frames per shuffle block of a training stream (data.shuffle_buffer_size within the RAM budget)."""
+    return memory_plan(spec, bytes_per_frame(spec.data.data_root_dir, num_transitions))["shuffle_buffer_size"]
+
+
+def build_tf_dataset(
+    spec: StreamSpec,
+    num_transitions: dict[str, int],
+    parts: dict | None = None,
+    start: StreamStart | None = None,
+):
     """tf.data.Dataset of batches {image/raw [B,H,W,3] uint8 decoded frames (zero-padded to the batch's
     largest) and image/shape [B,2] (the primary camera; image_<role>/raw, /shape and image_<role>_mask for
     the other data.cameras), frame_index [B] (train with augmentation: the frames' positions in the
     stream, which seed their augmentation), instruction [B] string, action
-    [B,A] (or [B,F+1,A] with action_pad_mask), proprio, dataset_name, episode_id (, goal_image/raw)}.
+    [B,A] (or [B,F+1,A] with action_pad_mask), proprio, dataset_name, episode_id (, goal_image/raw), and
+    for training streams _cursor [B,4], _episode_frames [B] and _position [B] (see the module docstring)}.
     FrameStream resizes (and augments) the images and normalizes the actions.
 
     num_transitions: {dataset: count} of every dataset read (its statistics' num_transitions), for
-    balance_weights and the memory plan. filters: an optional list that receives each dataset's
-    transforms.EpisodeFilter and the FrameCheck (their `counts()` are the drops). skip_batches: start
-    after this many batches (resume).
+    balance_weights and the memory plan. parts: an optional dict that receives under "filters" each
+    dataset's transforms.EpisodeFilter and FrameCheck (their `counts()` are the drops) and under "readers"
+    its rlds.RecordCounter. start: where a training stream starts (default: its beginning).
     """
     d = spec.data
-    ds = _mixed_frames(spec, num_transitions, [] if filters is None else filters)
+    parts = {"filters": [], "readers": []} if parts is None else parts
+    start = start or StreamStart()
     plan = memory_plan(spec, bytes_per_frame(d.data_root_dir, num_transitions))
+    block = plan["shuffle_buffer_size"]
+    ds = _mixed_frames(spec, num_transitions, parts, start, block)
     if spec.train:
         log.info(
-            "data: shuffle buffer %d frames, prefetch %d batches (ram_budget_gb %s)",
-            plan["shuffle_buffer_size"], plan["prefetch"], d.ram_budget_gb or "no cap",
+            "data: shuffle blocks of %d frames, prefetch %d batches (ram_budget_gb %s)",
+            block, plan["prefetch"], d.ram_budget_gb or "no cap",
         )  # fmt: skip
-        ds = ds.shuffle(plan["shuffle_buffer_size"], seed=spec.seed, reshuffle_each_iteration=True)
-    ds = ds.enumerate()
-    if skip_batches:
-        # resume: skip still-encoded frames (cheap) rather than decoded batches; enumerate keeps each
-        # frame's index, hence its augmentation seed
-        ds = ds.skip(skip_batches * spec.batch_size)
+        ds = _shuffled_blocks(ds, spec, block, start)
     parallel = d.num_parallel_calls or tf.data.AUTOTUNE
     ds = ds.map(_decoder(spec), num_parallel_calls=parallel, deterministic=True)
     # frames of datasets stored at different sizes share a batch zero-padded (their sizes are kept)
     ds = ds.padded_batch(spec.batch_size, drop_remainder=spec.train)
     options = tf.data.Options()
     options.deterministic = True
+    if spec.num_threads:
+        options.threading.private_threadpool_size = spec.num_threads
     if plan["autotune_ram_bytes"]:
         options.autotune.ram_budget = plan["autotune_ram_bytes"]
     return ds.with_options(options).prefetch(plan["prefetch"])

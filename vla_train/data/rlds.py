@@ -18,6 +18,7 @@ are handled by `on_bad_data` (raise or skip and count): in the statistics pass h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,24 +149,19 @@ def dataset_fingerprint(builder) -> dict[str, Any]:
     }
 
 
-def _standardized_steps(builder, split: str, *, shuffle_files: bool, seed: int, spec):
-    """Standardized episodes {observation, action, language_instruction, episode_id (scalar)}. A key the
-    standardization or the registry needs but the stored episodes lack, or an action width other than
-    the registry's action_dim, raises a DatasetError here (at trace time, before any data flows)."""
-
-    split_size(builder, split, spec.name)
-    ds = builder.as_dataset(
-        split=split,
-        decoders={"steps": tfds.decode.SkipDecoding()},
-        shuffle_files=shuffle_files,
-        read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=True),
-    )
+def _standardized(ds, builder, spec):
+    """Episodes {steps, tfds_id, ...} -> standardized episodes {observation, action, language_instruction,
+    episode_id (scalar), ...}. A key the standardization or the registry needs but the stored episodes
+    lack, or an action width other than the registry's action_dim, raises a DatasetError here (at trace
+    time, before any data flows)."""
     standardize = make_standardizer(spec)
+    extra = [k for k in ("episode_position", "episode_key") if k in ds.element_spec]
 
     @tf.autograph.experimental.do_not_convert  # keeps our exceptions' types at trace time
     def standardized(episode):
         traj = dict(standardize(episode["steps"]))
         traj["episode_id"] = episode["tfds_id"]
+        traj.update({k: episode[k] for k in extra})  # the reader's position of the episode
         return traj
 
     where = f"registry entry in {spec.source}" if spec.source else "registry entry"
@@ -191,6 +187,18 @@ def _standardized_steps(builder, split: str, *, shuffle_files: bool, seed: int, 
         ) from None
 
 
+def _all_episodes(builder, split: str, spec):
+    """Standardized episodes of a split in stored order, through tfds (the statistics pass)."""
+    split_size(builder, split, spec.name)
+    ds = builder.as_dataset(
+        split=split,
+        decoders={"steps": tfds.decode.SkipDecoding()},
+        shuffle_files=False,
+        read_config=tfds.ReadConfig(add_tfds_id=True),
+    )
+    return _standardized(ds, builder, spec)
+
+
 def _stored_action_shape(builder) -> str:
     try:
         return str(builder.info.features["steps"]["action"])
@@ -198,24 +206,177 @@ def _stored_action_shape(builder) -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class EpisodeOrder:
+    """Which episodes of a split a stream reads, in which order, from where.
+
+    Training: every epoch visits this read shard's files in a fresh order (seeded by the run seed, the
+    dataset and the epoch), each file's records in stored order, forever. Evaluation: one pass over all
+    files in stored order. Sharding happens before anything is read: read shard s of V takes the files
+    f with f % V == s; a split with fewer files than shards is read whole by every shard, which keeps the
+    records whose position in the epoch is s modulo V (episode-level sharding; it costs V x the reads).
+    `start` (epoch, file position in that epoch's order, record in that file) is where reading begins,
+    which a resumed stream reaches by seeking in the files, not by reading what comes before.
+    """
+
+    train: bool
+    seed: int
+    dataset_index: int = 0  # the dataset's place in the stream's mixture (its own file orders)
+    num_shards: int = 1
+    shard_index: int = 0
+    start: tuple[int, int, int] = (0, 0, 0)
+
+
+class RecordCounter:
+    """Counts the episode records a reader reads from its files (before episode-level sharding drops
+    any), in a tf.Variable updated as the pipeline runs."""
+
+    def __init__(self) -> None:
+        self._read = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def __call__(self, record):
+        with tf.control_dependencies([self._read.assign_add(1)]):
+            return tf.nest.map_structure(tf.identity, record)
+
+    def counts(self) -> dict[str, int]:
+        return {"records_read": int(self._read.numpy())}
+
+
+_TFRECORD_BUFFER = 8 << 20  # bytes of read-ahead per file: sequential reads of large episode records
+
+
+def _split_files(builder, split: str, dataset_name: str) -> list:
+    """tfds' file instructions of a split (file, first record, records to read), files with none left out;
+    only TFRecord files can be read by position."""
+    fmt = str(getattr(builder.info, "file_format", "tfrecord") or "tfrecord").lower()
+    if "tfrecord" not in fmt:
+        raise DatasetError(
+            f"dataset '{dataset_name}': its records are stored as {fmt}; the reader reads TFRecord files "
+            "(rebuild the dataset with file_format tfrecord)"
+        )
+    return [i for i in builder.info.splits[split].file_instructions if i.take > 0]
+
+
+def _shard_files(takes: list[int], shards: int, shard: int) -> tuple[list[int], bool, int]:
+    """(the files read shard `shard` of `shards` reads, whether it reads them whole (file-level sharding)
+    or keeps every shards-th episode of all files (fewer files than shards), its episodes per epoch)."""
+    if shards > 1 and len(takes) >= shards:
+        mine = [f for f in range(len(takes)) if f % shards == shard]
+        return mine, True, sum(takes[f] for f in mine)
+    total = sum(takes)
+    return list(range(len(takes))), shards == 1, len(range(shard, total, shards))
+
+
+def shard_episodes(builder, split: str, dataset_name: str, shards: int = 1, shard: int = 0) -> int:
+    """Episodes per epoch of read shard `shard` of `shards` of a split (see EpisodeOrder)."""
+    takes = [i.take for i in _split_files(builder, split, dataset_name)]
+    return _shard_files(takes, shards, shard)[2]
+
+
+def _episode_records(builder, split: str, order: EpisodeOrder, dataset_name: str, counter: RecordCounter):
+    """tf.data of {serialized, tfds_id, episode_position [epoch, file position, record], episode_key}: the
+    raw episode records `order` asks for, read by position (see EpisodeOrder)."""
+    import logging
+
+    instructions = _split_files(builder, split, dataset_name)
+    num_files, shards, shard = len(instructions), order.num_shards, order.shard_index
+    takes_all = [i.take for i in instructions]
+    mine, by_file, episodes = _shard_files(takes_all, shards, shard)
+    by_file = by_file and shards > 1
+    if order.train and episodes == 0:
+        raise DatasetError(
+            f"dataset '{dataset_name}': split '{split}' has fewer episodes than the {shards} read shards, so "
+            f"shard {shard} would read nothing; use fewer ranks or data.read_shards"
+        )
+    if shards > 1 and not by_file:
+        logging.getLogger(__name__).info(
+            "dataset '%s': %d file(s) for %d read shards: every shard reads all files and keeps every %d-th "
+            "episode", dataset_name, num_files, shards, shards,
+        )  # fmt: skip
+    paths = tf.constant([i.filename for i in instructions])
+    prefixes = tf.constant([Path(i.filename).name for i in instructions])
+    skips = tf.constant([i.skip for i in instructions], tf.int64)
+    takes = tf.constant(takes_all, tf.int64)
+    mine_t = tf.constant(mine, tf.int64)
+    e0, p0, r0 = (int(x) for x in order.start) if order.train else (0, 0, 0)
+    file_seed = order.seed * 1000 + order.dataset_index
+
+    def epoch_files(epoch):
+        files = (
+            tf.random.experimental.stateless_shuffle(mine_t, seed=[file_seed, epoch])
+            if order.train
+            else mine_t
+        )
+        first = tf.where(tf.equal(epoch, e0), tf.constant(p0, tf.int64), tf.constant(0, tf.int64))
+        positions = tf.range(first, tf.size(files, out_type=tf.int64))
+        offsets = tf.cumsum(tf.gather(takes, files), exclusive=True)  # the file's first episode in the epoch
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "epoch": tf.fill(tf.shape(positions), epoch),
+                "position": positions,
+                "file": tf.gather(files, positions),
+                "offset": tf.gather(offsets, positions),
+            }
+        )
+
+    def file_records(item):
+        starts_here = tf.logical_and(tf.equal(item["epoch"], e0), tf.equal(item["position"], p0))
+        first = tf.minimum(tf.where(starts_here, tf.constant(r0, tf.int64), 0), takes[item["file"]])
+        count = takes[item["file"]] - first
+        raw = tf.data.TFRecordDataset(paths[item["file"]], buffer_size=_TFRECORD_BUFFER)
+        raw = raw.skip(skips[item["file"]] + first).take(count)
+        return tf.data.Dataset.zip(raw, tf.data.Dataset.range(first, first + count)).map(
+            lambda serialized, record: {"serialized": serialized, "record": record, **item}
+        )
+
+    epochs = tf.data.Dataset.range(e0, 2**62) if order.train else tf.data.Dataset.range(1)
+    ds = epochs.flat_map(epoch_files).flat_map(file_records).map(counter)
+    if shards > 1 and not by_file:
+        ds = ds.filter(lambda x: tf.equal((x["offset"] + x["record"]) % shards, shard))
+
+    def identify(x):
+        index = skips[x["file"]] + x["record"]  # the record's index in its file, as tfds numbers it
+        return {
+            "serialized": x["serialized"],
+            "tfds_id": tf.strings.join([prefixes[x["file"]], tf.strings.as_string(index)], separator="__"),
+            "episode_position": tf.stack([x["epoch"], x["position"], x["record"]]),
+            # seeds the episode's random transforms: the same episode gets the same ones when read again
+            "episode_key": x["epoch"] * (1 << 40) + x["file"] * (1 << 20) + x["record"],
+        }
+
+    return ds.map(identify)
+
+
 def read_episodes(
     builder,
     split: str,
+    order: EpisodeOrder,
     *,
-    shuffle_files: bool,
-    seed: int,
     dataset_name: str,
-    cameras: tuple[str, ...] = ("primary",),
+    cameras=("primary",),
+    counter=None,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
 ):
-    """tf.data of standardized, restructured trajectories (images left encoded): image_<role> for each
-    of `cameras`, empty strings for a camera the dataset does not have (so that every dataset of a
-    mixture gives frames of the same structure)."""
-
+    """tf.data of standardized, restructured trajectories (images left encoded), in `order`: image_<role>
+    for each of `cameras`, empty strings for a camera the dataset does not have (so that every dataset
+    of a mixture gives frames of the same structure), and each step's episode_position [T, 3] and
+    episode_key [T] (the reader's position of its episode, see EpisodeOrder). `counter` (a
+    RecordCounter) counts the records read; num_parallel_calls bounds the episodes parsed at once (and so
+    how far the reader reads ahead)."""
     spec = dataset_spec(dataset_name)
     if spec.image_obs_keys.get("primary") is None:
         raise DatasetError(
             f"dataset '{dataset_name}': the registry names no primary camera (image_obs_keys.primary)"
         )
+    split_size(builder, split, dataset_name)
+    features, decoders = builder.info.features, {"steps": tfds.decode.SkipDecoding()}
+    records = _episode_records(builder, split, order, dataset_name, counter or RecordCounter())
+
+    def parse(x):
+        episode = dict(features.deserialize_example(x["serialized"], decoders=decoders))
+        return {**episode, **{k: v for k, v in x.items() if k != "serialized"}}
+
+    episodes = records.map(parse, num_parallel_calls=num_parallel_calls, deterministic=True)
 
     def restructure(traj):
         T = tf.shape(traj["action"])[0]
@@ -231,17 +392,19 @@ def read_episodes(
             "action": tf.cast(traj["action"], tf.float32),
             "dataset_name": tf.fill([T], dataset_name),
             "episode_id": tf.fill([T], traj["episode_id"]),
+            "episode_position": tf.tile(traj["episode_position"][None], [T, 1]),
+            "episode_key": tf.fill([T], traj["episode_key"]),
         }
 
-    ds = _standardized_steps(builder, split, shuffle_files=shuffle_files, seed=seed, spec=spec)
-    return ds.map(restructure, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _standardized(episodes, builder, spec)
+    return ds.map(restructure, num_parallel_calls=num_parallel_calls, deterministic=True)
 
 
 def numeric_trajectories(builder, dataset_name: str):
     """Standardized action/proprio (numpy) and episode_id (bytes) of every episode of every split; images
     are never decoded."""
     spec = dataset_spec(dataset_name)
-    ds = _standardized_steps(builder, "all", shuffle_files=False, seed=0, spec=spec)
+    ds = _all_episodes(builder, "all", spec)
     ds = ds.map(
         lambda t: {
             "action": t["action"],
@@ -273,6 +436,24 @@ def _finite_trajectories(trajectories, dataset_name: str, on_bad_data: str, skip
 SKIPPED_KEY = "num_trajectories_skipped_non_finite"
 
 
+def _statistics_cache(data_root_dir: str, dataset_name: str, cache_dir: str, spec, builder) -> Path:
+    key = cache_key(
+        dataset_fingerprint(builder), list(map(str, spec.state_obs_keys)), standardization_fingerprint(spec)
+    )
+    return stats_cache_path(cache_dir or str(Path(data_root_dir) / "vla_train_stats"), dataset_name, key)
+
+
+def statistics_cached(
+    data_root_dir: str, dataset_name: str, cache_dir: str = "", on_bad_data: str = "raise"
+) -> bool:
+    """Whether get_statistics would answer from its cache (no pass over the data)."""
+    builder = open_builder(data_root_dir, dataset_name)
+    stats = load_cached(
+        _statistics_cache(data_root_dir, dataset_name, cache_dir, dataset_spec(dataset_name), builder)
+    )
+    return stats is not None and not (stats.get(SKIPPED_KEY) and on_bad_data != "skip")
+
+
 def get_statistics(
     data_root_dir: str, dataset_name: str, cache_dir: str = "", on_bad_data: str = "raise"
 ) -> dict[str, Any]:
@@ -288,11 +469,7 @@ def get_statistics(
 
     spec = dataset_spec(dataset_name)
     builder = open_builder(data_root_dir, dataset_name)
-    key = cache_key(
-        dataset_fingerprint(builder), list(map(str, spec.state_obs_keys)), standardization_fingerprint(spec)
-    )
-    cache_dir = cache_dir or str(Path(data_root_dir) / "vla_train_stats")
-    path = stats_cache_path(cache_dir, dataset_name, key)
+    path = _statistics_cache(data_root_dir, dataset_name, cache_dir, spec, builder)
     stats = load_cached(path)
     if stats is not None and stats.get(SKIPPED_KEY) and on_bad_data != "skip":
         stats = None

@@ -194,8 +194,11 @@ def build_synthetic_dataset(data_root_dir: str | Path, cfg: SyntheticDataConfig)
     if (out / "dataset_info.json").is_file():
         return out
     builder = _builder_class()(synthetic=cfg, data_dir=str(data_root_dir))
+    files = cfg.num_files or None
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False, verify_ssl=False)
+        download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, verify_ssl=False, num_shards=files
+        )
     )
     return out
 

@@ -5,15 +5,26 @@ model.safetensors           weights
 tokenizer.json, tokenizer_config.json, special_tokens_map.json
 processor_config.json       image size, eval centre crop, max length
 dataset_statistics.json     the same statistics as config.json's norm_stats
+
+A tied weight (llm_tie_word_embeddings) is stored once, under its first name. For sharded (FSDP) loads
+the model is also built on the meta device (`build_on_meta`), and `SafetensorsRows` reads row ranges of
+the weights file with positional reads, so a process holds only the rows it asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vla_train.config import ModelConfig
 from vla_train.models.processor import ProcessorSettings, VLAProcessor
@@ -105,7 +116,8 @@ def save_model_dir(
     out.mkdir(parents=True, exist_ok=True)
     if norm_stats is not None:
         model.config.norm_stats = norm_stats
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    aliases = tied_aliases(model)  # safetensors refuses shared tensors: a tied weight is stored once
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     (out / "dataset_statistics.json").write_text(json.dumps(model.config.norm_stats, indent=2))
@@ -131,14 +143,64 @@ def _rebuild_non_persistent_buffers(model: VLA, device: torch.device) -> None:
             module.attention_scaling = fresh.attention_scaling
 
 
-def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLAProcessor]:
-    """Load a vla_train model directory, or an OpenVLA-format one (e.g. openvla-7b) converted on the fly."""
-    from safetensors.torch import load_file
-    from transformers import PreTrainedTokenizerFast
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name: first name} of every parameter that is the same tensor as an earlier one (tied weights)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
 
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Point every alias at its first name's parameter again (load_state_dict(assign=True) replaces each
+    name's parameter by its own tensor)."""
+    for name, target in aliases.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(target))
+
+
+def _check_weights(weights_file: Path, model: VLA, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The file holds exactly the model's weights (a tied alias may be absent), in the config's shapes."""
+    aliases = tied_aliases(model)
+    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = set(expected_shapes) - set(aliases)
+    missing, unexpected = sorted(expected - set(shapes)), sorted(set(shapes) - expected - set(aliases))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_file} does not match config.json: missing {missing}, unexpected {unexpected}"
+        )
+    wrong = [
+        f"{k}: file {shape}, config {expected_shapes[k]}"
+        for k, shape in sorted(shapes.items())
+        if shape != expected_shapes[k]
+    ]
+    if wrong:
+        raise ValueError(f"{weights_file} does not match config.json in shape: " + "; ".join(wrong))
+
+
+def _model_dir(directory: str | Path) -> Path:
     d = Path(directory)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} is not a model directory: no config.json")
+    return d
+
+
+def _load_processor(d: Path, config: VLAConfig) -> VLAProcessor:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(d))
+    return VLAProcessor(tokenizer, ProcessorSettings.load(d), config.empty_piece_id, config.n_action_bins)
+
+
+def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLAProcessor]:
+    """Load a vla_train model directory, or an OpenVLA-format one (e.g. openvla-7b) converted on the fly."""
+    from safetensors.torch import load_file
+
+    d = _model_dir(directory)
     from vla_train.models.openvla_format import is_openvla_dir, load_openvla_dir
 
     if is_openvla_dir(d):  # a released OpenVLA checkpoint (timm key layout): converted on load
@@ -147,25 +209,188 @@ def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLA
     with torch.device("meta"):
         model = VLA(config)
     state = load_file(str(d / WEIGHTS_FILE), device=device)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{d / WEIGHTS_FILE} does not match config.json: missing {missing}, unexpected {unexpected}"
-        )
-    expected_shapes = model.state_dict()
-    wrong = [
-        f"{k}: file {tuple(v.shape)}, config {tuple(expected_shapes[k].shape)}"
-        for k, v in sorted(state.items())
-        if tuple(v.shape) != tuple(expected_shapes[k].shape)
-    ]
-    if wrong:
-        raise ValueError(f"{d / WEIGHTS_FILE} does not match config.json in shape: " + "; ".join(wrong))
-    model.load_state_dict(state, assign=True)
+    _check_weights(d / WEIGHTS_FILE, model, {k: tuple(v.shape) for k, v in state.items()})
+    aliases = tied_aliases(model)
+    model.load_state_dict({k: v for k, v in state.items() if k not in aliases}, assign=True, strict=False)
+    _retie(model, aliases)
     _rebuild_non_persistent_buffers(model, torch.device(device))
     model.eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(d))
-    processor = VLAProcessor(
-        tokenizer, ProcessorSettings.load(d), config.empty_piece_id, config.n_action_bins
-    )
-    return model, processor
+    return model, _load_processor(d, config)
+
+
+def build_on_meta(directory: str | Path) -> tuple[VLA, VLAProcessor]:
+    """The model of a vla_train model directory with its parameters on the meta device, each in the dtype
+    its weights file stores (what load_model_dir would load), checked against the file's header; the
+    non-persistent buffers (rotary frequencies, position ids) are real, on the CPU. Nothing of the weights
+    is read: distributed.shard_from_file reads each rank's shard. OpenVLA-format directories (converted on
+    load) are refused: load them with load_model_dir."""
+    from vla_train.models.openvla_format import is_openvla_dir
+
+    d = _model_dir(directory)
+    if is_openvla_dir(d):
+        raise ValueError(f"{d} is an OpenVLA-format checkpoint, converted on load: use load_model_dir")
+    config = VLAConfig.from_dict(json.loads((d / "config.json").read_text()))
+    with torch.device("meta"):
+        model = VLA(config)
+    with SafetensorsRows(d / WEIGHTS_FILE) as weights:
+        stored = weights.tensors
+    _check_weights(d / WEIGHTS_FILE, model, {k: t.shape for k, t in stored.items()})
+    for name, p in model.named_parameters():  # each tied weight once, by its stored (first) name
+        if p.dtype != stored[name].dtype:
+            torch.utils.swap_tensors(p, nn.Parameter(p.to(stored[name].dtype), requires_grad=p.requires_grad))
+    _rebuild_non_persistent_buffers(model, torch.device("cpu"))
+    model.eval()
+    return model, _load_processor(d, config)
+
+
+# ---- sharded loading: meta models and row ranges of the weights file ------------------------------
+
+# Module names wrappers insert between a model's modules: activation checkpointing, peft's LoRA layers
+# (`base_layer`) and modules_to_save copies (`original_module`, `modules_to_save.<adapter>`).
+_WRAPPER_NAMES = ("_checkpoint_wrapped_module", "base_layer", "original_module")
+
+
+def file_key(name: str) -> str:
+    """The weights-file key of the parameter or buffer `name` of a wrapped model."""
+    parts = name.split(".")
+    kept: list[str] = []
+    i = 0
+    while i < len(parts):
+        if parts[i] == "modules_to_save" and i + 2 < len(parts):
+            i += 2  # "modules_to_save.<adapter name>"
+        elif parts[i] in _WRAPPER_NAMES:
+            i += 1
+        else:
+            kept.append(parts[i])
+            i += 1
+    return ".".join(kept)
+
+
+@contextlib.contextmanager
+def placeholder_weights(model: nn.Module) -> Iterator[None]:
+    """While the body runs, every meta parameter of `model` is an empty CPU tensor of its dtype, so code
+    that must see a real device works on a meta model: peft places LoRA adapters on their base weight's
+    device and dtype (on meta it would create them and lose their initial values), and `.to(device)`
+    moves a model. Afterwards each placeholder becomes a meta tensor of its shape again, copies made in
+    the body too (peft's modules_to_save), matched by their weights-file key. Nothing of the weights'
+    size is allocated."""
+    shapes: dict[str, torch.Size] = {}
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            shapes[file_key(name)] = p.shape
+            torch.utils.swap_tensors(
+                p, nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=p.requires_grad)
+            )
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            shape = shapes.get(file_key(name))
+            if shape is not None and p.numel() == 0 and math.prod(shape) != 0 and not p.is_meta:
+                meta = torch.empty(shape, dtype=p.dtype, device="meta")
+                torch.utils.swap_tensors(p, nn.Parameter(meta, requires_grad=p.requires_grad))
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file, as its header describes it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of its first byte, from the start of the file
+
+
+class SafetensorsRows:
+    """Reads row ranges (dim 0) of the tensors of a .safetensors file with positional reads (os.preadv).
+
+    The file is not memory-mapped, unlike safetensors' own readers: pages of a mapped file count in the
+    process's resident memory once touched, while a read grows it only by the buffer it fills. Layout: an
+    8-byte little-endian header length, a JSON header ({name: {dtype, shape, data_offsets}}, offsets
+    relative to the end of the header), then the tensors' bytes, row-major.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.tensors: dict[str, StoredTensor] = self._read_header()
+        except Exception:
+            self.close()
+            raise
+
+    def _read_header(self) -> dict[str, StoredTensor]:
+        (header_len,) = struct.unpack("<Q", self._read_bytes(8, 0))
+        header = json.loads(self._read_bytes(header_len, 8))
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(
+                    f"{self.path}: tensor {name} has dtype {entry['dtype']}, which is not supported"
+                )
+            begin, end = entry["data_offsets"]
+            t = StoredTensor(
+                _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + header_len + begin
+            )
+            if end - begin != math.prod(t.shape) * t.dtype.itemsize:
+                raise ValueError(
+                    f"{self.path}: tensor {name} holds {end - begin} bytes, not those of {t.shape}"
+                )
+            tensors[name] = t
+        return tensors
+
+    def __enter__(self) -> SafetensorsRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (a 0-d tensor: all of it, with start 0, stop 1), as a new CPU
+        tensor of `dtype` (default: the stored one)."""
+        t = self.tensors[name]
+        num_rows = t.shape[0] if t.shape else 1
+        if not 0 <= start <= stop <= num_rows:
+            raise ValueError(f"rows [{start}, {stop}) are outside {name} of shape {t.shape}")
+        out = torch.empty((stop - start, *t.shape[1:]) if t.shape else (), dtype=t.dtype)
+        row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
+        if out.numel():
+            self._read_into(out, t.offset + start * row_bytes)
+        return out if dtype is None or dtype == t.dtype else out.to(dtype)
+
+    def _read_into(self, out: torch.Tensor, offset: int) -> None:
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):  # a positional read may return fewer bytes than asked
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"{self.path} ends inside a tensor (truncated file?)")
+            done += n
+
+    def _read_bytes(self, size: int, offset: int) -> bytes:
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise ValueError(f"{self.path} is not a safetensors file: its header is cut short")
+        return data

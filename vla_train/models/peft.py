@@ -37,6 +37,40 @@ def _is_under(name: str, module: str) -> bool:
     return name == module or name.startswith(module + ".")
 
 
+def lora_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """The linear layers that get adapters: every nn.Linear but the LM head for "all-linear", plus the
+    named ones; layers inside a module of cfg.modules_to_save get none (the whole module trains). A
+    name that matches nothing raises a ValueError naming it."""
+    every = sorted(name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    targets = set(linear_module_names(model)) if "all-linear" in cfg.target_modules else set()
+    for t in cfg.target_modules:
+        if t != "all-linear":
+            matched = [n for n in every if n == t or n.endswith("." + t)]
+            if not matched:
+                raise ValueError(
+                    f"lora.target_modules entry '{t}' matches no linear layer; examples: {every[:6]}"
+                )
+            targets.update(matched)
+    modules = dict(model.named_modules())
+    for m in cfg.modules_to_save:
+        if m not in modules:
+            top = sorted(n for n in modules if n and "." not in n)
+            raise ValueError(f"lora.modules_to_save entry '{m}' is no module of the model; top level: {top}")
+        targets = {t for t in targets if not _is_under(t, m)}
+    return sorted(targets)
+
+
+def quantized_layers(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """The nn.Linear layers QLoRA quantizes: all but the LM head and cfg.quant_skip_modules."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not name.endswith("lm_head")
+        and not any(_matches(name, skip) or _is_under(name, skip) for skip in cfg.quant_skip_modules)
+    ]
+
+
 def quantize_linear_layers(model: nn.Module, cfg: LoraConfig, device: torch.device) -> list[str]:
     """Replace nn.Linear layers by bitsandbytes 4-bit NF4 / 8-bit layers holding the same weights.
 
@@ -50,12 +84,9 @@ def quantize_linear_layers(model: nn.Module, cfg: LoraConfig, device: torch.devi
     if compute == "auto":
         compute = "bfloat16" if device.type == "cuda" else "float32"
     compute_dtype = getattr(torch, compute)
-    quantized = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
-            continue
-        if any(_matches(name, skip) or _is_under(name, skip) for skip in cfg.quant_skip_modules):
-            continue
+    quantized = quantized_layers(model, cfg)
+    for name in quantized:
+        module = model.get_submodule(name)
         has_bias = module.bias is not None
         if cfg.quantization == "nf4":
             new = bnb.nn.Linear4bit(
@@ -81,7 +112,6 @@ def quantize_linear_layers(model: nn.Module, cfg: LoraConfig, device: torch.devi
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new.to(device))
-        quantized.append(name)
     return quantized
 
 
@@ -95,23 +125,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
     import peft
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    every = sorted(name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    targets = set(linear_module_names(model)) if "all-linear" in cfg.target_modules else set()
-    for t in cfg.target_modules:
-        if t != "all-linear":
-            matched = [n for n in every if n == t or n.endswith("." + t)]
-            if not matched:
-                raise ValueError(
-                    f"lora.target_modules entry '{t}' matches no linear layer; examples: {every[:6]}"
-                )
-            targets.update(matched)
-    modules = dict(model.named_modules())
-    for m in cfg.modules_to_save:
-        if m not in modules:
-            top = sorted(n for n in modules if n and "." not in n)
-            raise ValueError(f"lora.modules_to_save entry '{m}' is no module of the model; top level: {top}")
-        targets = {t for t in targets if not _is_under(t, m)}
-    targets = sorted(targets)
+    targets = lora_targets(model, cfg)
     if cfg.quantization != "none":
         model.requires_grad_(False)
         quantize_linear_layers(model, cfg, device)

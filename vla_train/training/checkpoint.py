@@ -7,7 +7,8 @@ Layout of `<run_dir>/checkpoints/step_NNNNNNNN/`:
                           sharded under FSDP2, resharded on load to any world size or strategy
     scheduler.pt          learning-rate scheduler state
     rng_rank<R>.pt        rank R's RNG states (torch, CUDA, numpy, python)
-    data_rank<R>.json     rank R's data-stream position (FrameStream.state_dict) and how it was sharded
+    data_rank<R>.json     rank R's data-stream position (its read shards' positions, ShardedStream.state_dict)
+                          and how the data was sharded
     config.yaml           the run config
     state.json            step, world size, strategy, ...; written last
 
@@ -197,7 +198,8 @@ def seed_everything(seed: int) -> None:
 class Restored:
     step: int
     saved_world_size: int
-    data_state: dict[str, Any] | None  # this rank's saved data position (None: no file for this rank)
+    # every saving rank's data position, by rank (a rank reads the read shards it now owns from them)
+    data_states: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)  # what a resume on another world size did
 
 
@@ -245,9 +247,9 @@ def restore_checkpoint(
             f"RNG states re-seeded per rank from the step since the world size changed {saved_world} -> "
             f"{ctx.world_size}"
         )
-    data_file = p / f"data_rank{ctx.rank}.json"
-    data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    return Restored(int(state["step"]), saved_world, data_state, notes)
+    data_files = [p / f"data_rank{r}.json" for r in range(saved_world)]
+    data_states = [json.loads(f.read_text()) for f in data_files if f.is_file()]
+    return Restored(int(state["step"]), saved_world, data_states, notes)
 
 
 def _dcp_metadata(dcp_dir: Path):

@@ -1,6 +1,7 @@
 """Every torch.distributed call of the trainer: the process group (from torchrun's environment, or a
 one-process group when FSDP/DDP is asked for without torchrun), DDP and FSDP2 wrapping (full or hybrid
-shard, mixed precision, activation checkpointing), the global gradient norm, and the few collectives the
+shard, mixed precision, activation checkpointing), FSDP2 sharding of a meta-device model with each rank
+reading only its shard of the weights file, the global gradient norm, and the few collectives the
 trainer needs (sums over ranks, barrier, broadcast).
 
 Functions whose docstring says "call on every rank" are collectives: every rank must call them, in the
@@ -15,13 +16,19 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from vla_train.config import DistributedConfig, launch_world_size
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from vla_train.models.load import SafetensorsRows
 
 
 @dataclass
@@ -129,7 +136,8 @@ def apply_activation_checkpointing(vla: nn.Module) -> None:
 
 
 def wrap_model(vla: nn.Module, ctx: DistContext, cfg: DistributedConfig) -> nn.Module:
-    """Parallelize `vla` (already on ctx.device, trainable parameters chosen) for ctx.strategy.
+    """Parallelize `vla` (already on ctx.device, trainable parameters chosen; for fsdp its parameters may
+    be on the meta device, see shard_from_file) for ctx.strategy.
 
     Returns the module to call for training. For fsdp that is `vla` itself (sharded in place); for ddp a
     DistributedDataParallel wrapper around it; for single `vla`. Evaluation calls `vla` directly in all
@@ -163,6 +171,64 @@ def wrap_model(vla: nn.Module, ctx: DistContext, cfg: DistributedConfig) -> nn.M
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DistributedDataParallel(vla, device_ids=device_ids)
     return vla
+
+
+def shard_from_file(
+    vla: nn.Module, ctx: DistContext, cfg: DistributedConfig, weights_file: str | Path
+) -> nn.Module:
+    """FSDP2 without a whole copy of the model anywhere: shard `vla`, built on the meta device with its
+    trainable weights chosen (LoRA adapters, if any, already real), with wrap_model's plan, then give each
+    meta parameter this rank's shard only, read from the safetensors file `weights_file` (its rows of
+    dim 0, the rows FSDP2 assigns this rank) in the dtype the meta parameter has: fp32 master weights for
+    full fine-tuning, the stored dtype for LoRA's frozen base. Tied weights stay tied (one tensor, read
+    once). Returns what wrap_model returns. Call on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from vla_train.models.load import SafetensorsRows, file_key
+
+    assert ctx.strategy == "fsdp", "shard_from_file serves the fsdp strategy only"
+    model = wrap_model(vla, ctx, cfg)
+    with SafetensorsRows(weights_file) as weights:
+        for name, param in vla.named_parameters():  # a tied weight once
+            if not param.is_meta:
+                continue
+            assert isinstance(param, DTensor), f"{name} was not sharded by fully_shard"
+            shard = _local_rows(weights, file_key(name), param, ctx.device)
+            # swap_tensors keeps the parameter object, which FSDP2 (and every tied alias) refers to.
+            torch.utils.swap_tensors(param, nn.Parameter(shard, requires_grad=param.requires_grad))
+        for name, buf in vla.named_buffers():
+            if buf.is_meta:  # persistent buffers are not sharded: every rank reads them whole
+                full = weights.read_rows(file_key(name), 0, buf.shape[0] if buf.dim() else 1, buf.dtype)
+                torch.utils.swap_tensors(buf, full.to(ctx.device))
+    left = [n for n, t in [*vla.named_parameters(), *vla.named_buffers()] if t.is_meta]
+    assert not left, f"still on the meta device after loading: {left[:8]}"
+    return model
+
+
+def _local_rows(weights: SafetensorsRows, key: str, param: DTensor, device: torch.device) -> DTensor:
+    """This rank's shard of the DTensor `param`, read from `weights` into a DTensor on `device`. FSDP2
+    splits dim 0 as torch.chunk does (the last ranks' chunks may be smaller, or empty) and pads
+    internally; hybrid sharding replicates that over the other mesh dimension."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if param.dim() == 0:
+        rows = weights.read_rows(key, 0, 1, param.dtype)
+    else:
+        # FSDP2 shards dim 0 only (tensor parallelism would shard others; this trainer has none).
+        assert tuple(shape[1:]) == tuple(param.shape[1:]) and not any(offset[1:]), (key, shape, offset)
+        assert tuple(shape) == tuple(param.to_local().shape), (key, shape, param.to_local().shape)
+        rows = weights.read_rows(key, offset[0], offset[0] + shape[0], param.dtype)
+    return DTensor.from_local(
+        rows.to(device),
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 def reshard(vla: nn.Module) -> None:
@@ -248,6 +314,42 @@ def barrier(ctx: DistContext) -> None:
     """Call on every rank."""
     if ctx.has_group and ctx.world_size > 1:
         dist.barrier()
+
+
+def long_barrier(ctx: DistContext, timeout_s: float) -> None:
+    """A barrier with its own timeout instead of the collective watchdog's (a gloo group made for it),
+    for phases that may take hours on some rank, such as the first statistics pass over a large mixture.
+    Call on every rank."""
+    if not ctx.has_group or ctx.world_size == 1:
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
+
+
+def local_world_size() -> int:
+    """The processes torchrun started on this node (LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cores_per_rank() -> int:
+    """The CPU cores this process may use. A process bound to some cores (its affinity mask narrower than
+    the machine: numactl, SLURM's --cpu-bind) uses its mask; otherwise the node's cores are split among
+    the processes torchrun started on it (LOCAL_WORLD_SIZE)."""
+    machine = os.cpu_count() or 1
+    mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    if mask < machine:
+        return max(1, mask)
+    return max(1, machine // local_world_size())
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's `obj`, by rank. Call on every rank."""
+    if not ctx.has_group or ctx.world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:

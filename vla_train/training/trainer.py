@@ -20,14 +20,22 @@ from typing import Any
 import draccus
 import torch
 
-from vla_train.config import TrainConfig, TrainingConfig
+from vla_train.config import DataConfig, TrainConfig, TrainingConfig
 from vla_train.config_cli import to_yaml
 from vla_train.data.mixture import mixture_statistics, resolve_mixture, run_datasets
 from vla_train.data.pipeline import FIXED_INSTRUCTION
-from vla_train.data.rlds import collect_instructions, open_builder, split_for
-from vla_train.data.stream import FrameStream
+from vla_train.data.rlds import collect_instructions, open_builder, split_for, statistics_cached
+from vla_train.data.stream import ShardedStream
 from vla_train.data.synthetic import build_synthetic_dataset
-from vla_train.models.load import build_from_config, load_model_dir, save_model_dir
+from vla_train.models.load import (
+    WEIGHTS_FILE,
+    build_from_config,
+    build_on_meta,
+    load_model_dir,
+    placeholder_weights,
+    save_model_dir,
+)
+from vla_train.models.openvla_format import is_openvla_dir
 from vla_train.models.peft import apply_lora, set_finetune_mode
 from vla_train.models.prompting import IGNORE_INDEX
 from vla_train.models.vla import VLA
@@ -50,13 +58,17 @@ from vla_train.training.checkpoint import (
 )
 from vla_train.training.distributed import (
     DistContext,
+    all_gather_objects,
     all_reduce_sum,
     autocast,
-    barrier,
     broadcast_object,
     clip_grad_norm,
+    cores_per_rank,
     gradient_sync,
     init_distributed,
+    local_world_size,
+    long_barrier,
+    shard_from_file,
     shutdown,
     sum_over_ranks,
     wrap_model,
@@ -66,58 +78,63 @@ from vla_train.training.logging import MetricsLogger, NullLogger
 from vla_train.training.metrics import accumulate, action_metrics, finalize
 from vla_train.training.optim import optimizer_for, schedule_for
 from vla_train.training.preemption import PreemptionWatcher
+from vla_train.training.preflight import check_before_loading
 
 
 @dataclass
 class DataPlan:
-    """How this rank reads its micro-batches (see training.data_sharding)."""
+    """How this rank reads its micro-batches (training.data_sharding, data.read_shards)."""
 
     micro_batch: int  # frames per rank per micro-batch
-    stream_batch: int  # frames per batch of this rank's stream
-    num_shards: int
-    shard_index: int
-    rows: slice  # the rows of each stream batch this rank keeps
+    num_shards: int  # read shards of the job (1 for batch_slice: one global stream)
+    shards: list[int]  # the read shards this rank reads
+    shard_batch: int  # frames per batch of each of this rank's shard streams
+    rows: slice  # the rows of each (shard-concatenated) batch this rank keeps
 
 
-def data_plan(t: TrainingConfig, ctx: DistContext) -> DataPlan:
+def data_plan(t: TrainingConfig, d: DataConfig, ctx: DistContext) -> DataPlan:
     micro = t.batch_size // (ctx.world_size * t.grad_accum_steps)
     if t.data_sharding == "batch_slice":
         rows = slice(ctx.rank * micro, (ctx.rank + 1) * micro)
-        return DataPlan(micro, micro * ctx.world_size, 1, 0, rows)
-    return DataPlan(micro, micro, ctx.world_size, ctx.rank, slice(None))
+        return DataPlan(micro, 1, [0], micro * ctx.world_size, rows)
+    num_shards = d.read_shards or ctx.world_size
+    shards = list(range(ctx.rank, num_shards, ctx.world_size))
+    return DataPlan(micro, num_shards, shards, micro // len(shards), slice(None))
 
 
 def resume_data_position(
     restored: Restored, plan: DataPlan, t: TrainingConfig, ctx: DistContext
-) -> tuple[int, int, str]:
-    """(stream seed, batches to skip, what was done) for a resumed run."""
-    saved = restored.data_state
+) -> tuple[int, dict | None, str]:
+    """(stream seed, the saved position of this rank's read shards or None, what was done) for a resumed
+    run. A position carries over when the run reads the same read shards: at the same world size, or at
+    another one with the same data.read_shards (or batch_slice's one global stream)."""
+    saved = [s for s in restored.data_states if s is not None]
     old_world = restored.saved_world_size
-    if (
-        saved is not None
-        and old_world == ctx.world_size
-        and saved.get("sharding") == t.data_sharding
-        and saved.get("stream_batch") == plan.stream_batch
-    ):
-        pos = int(saved["stream"]["num_batches_yielded"])
-        return int(saved["seed"]), pos, f"data position restored ({pos} batches of this rank's stream)"
-    if saved is not None and saved.get("sharding") == t.data_sharding == "batch_slice":
-        frames = restored.step * t.batch_size
-        return (
-            int(saved["seed"]),
-            frames // plan.stream_batch,
-            f"data position kept: batch_slice reads one global stream at any world size, continuing after "
-            f"its first {frames} frames (world size {old_world} -> {ctx.world_size})",
-        )
+    same_layout = bool(saved) and all(
+        s.get("sharding") == t.data_sharding and s.get("num_shards") == plan.num_shards for s in saved
+    )
+    if same_layout:
+        shards = {k: v for s in saved for k, v in s["stream"]["shards"].items()}
+        mine = {str(i): shards[str(i)] for i in plan.shards if str(i) in shards}
+        if len(mine) == len(plan.shards):
+            state = {"shards": mine}
+            if old_world == ctx.world_size:
+                return int(saved[0]["seed"]), state, f"data position restored (read shards {plan.shards})"
+            return (
+                int(saved[0]["seed"]),
+                state,
+                f"data position kept: read shards {plan.shards} of {plan.num_shards} continue where they were "
+                f"(world size {old_world} -> {ctx.world_size})",
+            )
     seed = t.seed + restored.step
     why = (
         f"world size changed {old_world} -> {ctx.world_size}"
         if old_world != ctx.world_size
-        else "the data layout changed (data_sharding, batch size or grad_accum_steps)"
+        else "the data layout changed (data_sharding or data.read_shards)"
     )
     return (
         seed,
-        0,
+        None,
         f"data position restarted from the beginning of a reshuffled stream (seed {seed}) since {why}",
     )
 
@@ -139,7 +156,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     plan: DataPlan
-    stream: FrameStream
+    stream: ShardedStream
     data_seed: int
     logger: MetricsLogger | NullLogger
     watcher: PreemptionWatcher
@@ -212,46 +229,81 @@ def _prepare_run_dir(cfg: TrainConfig, ctx: DistContext) -> tuple[Path, str]:
 
 def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path, datasets) -> dict[str, Any]:
     """Statistics per dataset ({dataset_name: stats + normalization}, OpenVLA's norm_stats), one entry for
-    each dataset of a mixture: every frame is normalized (and unnormalized) with its own dataset's. Rank 0
-    builds the synthetic set and the statistics cache, and broadcasts them. Call on every rank."""
-    norm_stats = None
-    if ctx.is_main:
-        if cfg.data.build_synthetic:
-            build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic)
-        norm_stats = run_statistics(cfg, datasets)
-    norm_stats = broadcast_object(norm_stats, ctx)
+    each dataset of a mixture: every frame is normalized (and unnormalized) with its own dataset's.
+
+    Rank 0 builds the synthetic set; then each rank computes (or reads from the cache) the statistics of
+    its share of the datasets (dataset i on rank i % world size) and the ranks exchange them. The waits
+    have their own timeout (data.stats_timeout_s), not the collective watchdog's, since a first pass over
+    a large uncached mixture takes hours. Call on every rank."""
+    d, start = cfg.data, time.perf_counter()
+    if ctx.is_main and d.build_synthetic:
+        build_synthetic_dataset(d.data_root_dir, d.synthetic)
+    long_barrier(ctx, d.stats_timeout_s)
+    mine = list(datasets)[ctx.rank :: ctx.world_size]
+    computed = [
+        n for n, _ in mine if not statistics_cached(d.data_root_dir, n, d.stats_cache_dir, d.on_bad_data)
+    ]
+    own = run_statistics(cfg, mine)
+    seconds = time.perf_counter() - start
+    long_barrier(ctx, d.stats_timeout_s)
+    parts = all_gather_objects((own, computed, seconds), ctx)
+    norm_stats = {name: s for part, _, _ in parts for name, s in part.items()}
+    norm_stats = {name: norm_stats[name] for name, _ in datasets}  # the run's order
     if ctx.is_main:
         (run_dir / STATS_FILE).write_text(json.dumps(norm_stats, indent=2))
+        done = [
+            f"rank {r} computed {', '.join(names)} in {t:.1f} s"
+            for r, (_, names, t) in enumerate(parts)
+            if names
+        ]
+        cached = len(datasets) - sum(len(names) for _, names, _ in parts)
+        print(
+            f"statistics of {len(datasets)} dataset(s) ready after {time.perf_counter() - start:.1f} s: "
+            + "; ".join(
+                [*done, f"{cached} from the cache ({d.stats_cache_dir or 'data_root_dir/vla_train_stats'})"]
+            ),
+            flush=True,
+        )
     return norm_stats
 
 
 def _load_model(cfg: TrainConfig, ctx: DistContext, run_dir: Path, datasets, norm_stats) -> tuple:
-    """(vla with its trainable weights chosen, processor, mode description). The base model is a pretrained
-    directory, or built once from config and saved as the run's base model: every rank then loads the same
-    directory, so all ranks (and a resumed run) start from identical weights. Call on every rank."""
+    """(vla with its trainable weights chosen, the module to train (wrap_model's), processor, mode
+    description). The base model is a pretrained directory, or built once from config and saved as the
+    run's base model: every rank then loads the same directory, so all ranks (and a resumed run) start
+    from identical weights. Under FSDP the model is built on the meta device and sharded, and each rank
+    reads only its shard of the weights file; the other strategies (and OpenVLA-format directories,
+    converted on load) load it whole. Call on every rank."""
     t = cfg.training
     base_dir = base_model_dir(run_dir, cfg)
     if ctx.is_main and not cfg.model.pretrained_dir and not (base_dir / "config.json").is_file():
         built, built_processor = build_from_config(cfg.model, run_instructions(cfg, datasets), seed=t.seed)
         save_model_dir(base_dir, built, built_processor, norm_stats)
         del built, built_processor
-    barrier(ctx)
-    model, processor = load_model_dir(base_dir)
+    long_barrier(ctx, cfg.data.stats_timeout_s)  # building from config first reads every instruction
+    on_meta = ctx.strategy == "fsdp" and not is_openvla_dir(base_dir)
+    if ctx.strategy == "fsdp" and not on_meta and ctx.is_main:
+        print(f"{base_dir} is an OpenVLA-format checkpoint: every rank converts it whole, then shards it")
+    model, processor = build_on_meta(base_dir) if on_meta else load_model_dir(base_dir)
     model.config.norm_stats = norm_stats
     use_run_preprocessing(processor, cfg.data)
     torch.manual_seed(t.seed)  # the same adapter init on every rank
     if cfg.lora.enabled:
-        vla = apply_lora(model, cfg.lora, ctx.device).get_base_model()
+        with placeholder_weights(model):  # adapters initialized as on a loaded model (a no-op then)
+            vla = apply_lora(model, cfg.lora, ctx.device).get_base_model()
         mode = f"LoRA r={cfg.lora.rank}" + (
             f" over {cfg.lora.quantization} base weights" if cfg.lora.quantization != "none" else ""
         )
     else:
         set_finetune_mode(model, t.finetune_mode)
         # fp32 master weights even from a bf16 checkpoint (openvla-7b); mixed precision casts for compute.
-        vla = model.to(ctx.device, dtype=torch.float32)
+        # On meta only the dtype changes: each rank's shard is read in it.
+        vla = model.to(dtype=torch.float32) if on_meta else model.to(ctx.device, dtype=torch.float32)
         mode = f"{t.finetune_mode} fine-tune"
     vla.train()
-    return vla, processor, mode
+    if on_meta:
+        return vla, shard_from_file(vla, ctx, cfg.distributed, base_dir / WEIGHTS_FILE), processor, mode
+    return vla, wrap_model(vla, ctx, cfg.distributed), processor, mode
 
 
 def _describe(run: Run, mode: str) -> None:
@@ -272,46 +324,50 @@ def _describe(run: Run, mode: str) -> None:
         )
 
 
+def _training_stream(cfg: TrainConfig, datasets, image_size: int, plan: DataPlan, seed: int, norm_stats):
+    """This rank's training stream: its read shards' streams, joined."""
+    specs = [
+        stream_spec(
+            cfg, datasets, image_size, True, plan.shard_batch, seed, plan.num_shards, shard, cores_per_rank()
+        )
+        for shard in plan.shards
+    ]
+    return ShardedStream(specs, norm_stats)
+
+
 def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
     """Everything a run needs, resumed from its newest committed checkpoint if it has one. Call on every
     rank."""
     t = cfg.training
     run_dir, config_yaml = _prepare_run_dir(cfg, ctx)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    torch.set_num_threads(t.num_threads or cores_per_rank())
     seed_everything(t.seed)
     datasets = run_datasets(cfg.data)
     norm_stats = _prepare_data(cfg, ctx, run_dir, datasets)
-    vla, processor, mode = _load_model(cfg, ctx, run_dir, datasets, norm_stats)
-    model = wrap_model(vla, ctx, cfg.distributed)
+    vla, model, processor, mode = _load_model(cfg, ctx, run_dir, datasets, norm_stats)
     optimizer = optimizer_for(model, t)
     scheduler = schedule_for(optimizer, t)
     torch.manual_seed(t.seed + 1 + ctx.rank)  # per-rank randomness from here on (e.g. LoRA dropout)
 
-    plan = data_plan(t, ctx)
-    step, data_seed, skip, ckpt = 0, t.seed, 0, broadcast_object(latest_checkpoint(run_dir), ctx)
-    notes = []
+    plan = data_plan(t, cfg.data, ctx)
+    data_seed, saved_position, ckpt = t.seed, None, broadcast_object(latest_checkpoint(run_dir), ctx)
+    step, notes = 0, []
     if ckpt is not None:
         restored = restore_checkpoint(ckpt, model, optimizer, scheduler, ctx)
         step = restored.step
-        data_seed, skip, data_note = resume_data_position(restored, plan, t, ctx)
+        data_seed, saved_position, data_note = resume_data_position(restored, plan, t, ctx)
         notes = [
             f"resuming {run_dir} from {ckpt.name} (step {step}, saved by {restored.saved_world_size} rank(s))",
             *[f"  {note}" for note in [*restored.notes, data_note]],
         ]
-    spec = stream_spec(
-        cfg,
-        datasets,
-        vla.config.image_size,
-        True,
-        plan.stream_batch,
-        data_seed,
-        plan.num_shards,
-        plan.shard_index,
-    )
-    stream = FrameStream(spec, norm_stats)
-    if skip:
-        stream.load_state_dict({"num_batches_yielded": skip, "seed": data_seed})
+    stream = _training_stream(cfg, datasets, vla.config.image_size, plan, data_seed, norm_stats)
+    if saved_position is not None:
+        try:
+            stream.load_state_dict(saved_position)
+        except ValueError as e:  # e.g. another shuffle block size (data.ram_budget_gb changed)
+            data_seed = t.seed + step
+            stream = _training_stream(cfg, datasets, vla.config.image_size, plan, data_seed, norm_stats)
+            notes.append(f"  {e}: data position restarted from a reshuffled stream (seed {data_seed})")
     logger = (
         MetricsLogger(run_dir, cfg.logging, draccus.encode(cfg), t.max_steps, step)
         if ctx.is_main
@@ -393,7 +449,14 @@ def _log_window(run: Run, window: Window, last: StepResult) -> None:
 
 def _validate(run: Run) -> dict:
     """Validation metrics of the run's model now. Call on every rank."""
-    spec = stream_spec(run.cfg, run.datasets, run.vla.config.image_size, False, run.plan.micro_batch)
+    spec = stream_spec(
+        run.cfg,
+        run.datasets,
+        run.vla.config.image_size,
+        False,
+        run.plan.micro_batch,
+        num_threads=cores_per_rank(),
+    )
     return validate(run.vla, run.processor, spec, run.norm_stats, run.cfg.training.num_val_frames, run.ctx)
 
 
@@ -404,8 +467,9 @@ def _save(run: Run) -> Path:
         "stream": run.stream.state_dict(),
         "seed": run.data_seed,
         "sharding": t.data_sharding,
-        "stream_batch": run.plan.stream_batch,
-        "rank": run.ctx.rank,
+        "num_shards": run.plan.num_shards,
+        "shard_batch": run.plan.shard_batch,
+        "records_read": run.stream.records_read(),  # episode records this rank read from the files
     }
     run.checkpoint = save_checkpoint(
         run.run_dir,
@@ -481,6 +545,8 @@ def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
     """
     ctx = init_distributed(cfg.distributed)
     try:
+        # before any weight is read: refuses (training.preflight strict) what cannot fit this rank's device
+        check_before_loading(cfg, ctx.world_size, local_world_size(), is_main=ctx.is_main)
         run = setup(cfg, ctx)
         try:
             result = _finish(run, _loop(run))
