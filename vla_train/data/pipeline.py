@@ -190,14 +190,13 @@ def _transformed(spec: StreamSpec, ds, dataset_name: str, index: int, threads: i
 
 
 def _number_frames(traj):
-    """Each frame's place in its (transformed, checked) episode: the frame part of its `_cursor`."""
+    """Each frame's place in its (transformed, checked) episode: the frame part of its `_cursor`. The
+    reader's per-step position fields are folded into it (fewer components per frame downstream)."""
+    traj = dict(traj)
+    position, _ = traj.pop("episode_position"), traj.pop("episode_key")
     n = tf.shape(traj["action"], out_type=tf.int64)[0]
     frame = tf.range(n, dtype=tf.int64)
-    return {
-        **traj,
-        "_cursor": tf.concat([traj["episode_position"], frame[:, None]], 1),
-        "_episode_frames": tf.fill([n], n),
-    }
+    return {**traj, "_cursor": tf.concat([position, frame[:, None]], 1), "_episode_frames": tf.fill([n], n)}
 
 
 def _dataset_frames(spec: StreamSpec, dataset_name: str, index: int, threads: int, start, parts: dict):

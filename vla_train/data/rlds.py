@@ -329,11 +329,6 @@ def _episode_records(builder, split: str, order: EpisodeOrder, dataset_name: str
             lambda serialized, record: {"serialized": serialized, "record": record, **item}
         )
 
-    epochs = tf.data.Dataset.range(e0, 2**62) if order.train else tf.data.Dataset.range(1)
-    ds = epochs.flat_map(epoch_files).flat_map(file_records).map(counter)
-    if shards > 1 and not by_file:
-        ds = ds.filter(lambda x: tf.equal((x["offset"] + x["record"]) % shards, shard))
-
     def identify(x):
         index = skips[x["file"]] + x["record"]  # the record's index in its file, as tfds numbers it
         return {
@@ -344,7 +339,12 @@ def _episode_records(builder, split: str, order: EpisodeOrder, dataset_name: str
             "episode_key": x["epoch"] * (1 << 40) + x["file"] * (1 << 20) + x["record"],
         }
 
-    return ds.map(identify)
+    epochs = tf.data.Dataset.range(e0, 2**62) if order.train else tf.data.Dataset.range(1)
+    ds = epochs.flat_map(epoch_files).flat_map(file_records)
+    if shards > 1 and not by_file:  # every record is read, and counted, before a shard keeps its own
+        ds = ds.map(counter).filter(lambda x: tf.equal((x["offset"] + x["record"]) % shards, shard))
+        return ds.map(identify)
+    return ds.map(lambda x: identify(counter(x)))
 
 
 def read_episodes(
