@@ -1,6 +1,6 @@
 """Checkpoint commits survive kills: a SIGKILL during a checkpoint write leaves the previous checkpoint as
-the one resumed from (and the resumed run repeats the lost steps exactly); SIGTERM (preemption) writes a
-checkpoint at the next step boundary and exits cleanly."""
+the one resumed from (and the resumed run repeats the lost steps exactly); SIGTERM (preemption) lets the step
+under way finish, checkpoints it and exits with the preempted code (75, outside SLURM)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 from test_trainer import tiny_args
 
-from vla_test_utils import REPO, run_cli
+from vla_test_utils import REPO, run_cli, wandb_history
 from vla_train.training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
+from vla_train.training.faults import EXIT_PREEMPTED
 from vla_train.training.logging import read_metrics
 
 CODE = "import sys; from vla_train.cli import train_main; train_main(sys.argv[1:])"
@@ -72,6 +73,8 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(small
         "6",
         "--training.checkpoint_every",
         "2",
+        "--logging.wandb_mode",
+        "offline",
     )
     run_dir = tmp_path / "run"
     tmp_write = run_dir / "checkpoints" / ".tmp_step_00000004"
@@ -94,6 +97,13 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(small
     redone = [m for m in read_metrics(run_dir) if "train/loss" in m][4:]
     assert [m["step"] for m in redone] == [3, 4, 5, 6]
     assert [m["train/loss"] for m in redone[:2]] == [lost[3], lost[4]]  # the lost steps, bitwise
+    # wandb continues the same run id with its own monotone step; the training step is trainer/step
+    *before, after = wandb_history(run_dir)
+    rows = [r for r in after if "train/loss" in r]
+    assert [r["trainer/step"] for r in rows] == [3, 4, 5, 6]
+    assert [r["train/loss"] for r in rows] == [m["train/loss"] for m in redone]  # nothing dropped
+    steps = [r["_step"] for rows in [*before, after] for r in rows]
+    assert steps == sorted(set(steps)) and after[0]["_step"] >= 4, steps
     # keep_last_checkpoints 2: only the newest two remain, no temporary directory
     assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000004", "step_00000006"]
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))
@@ -103,7 +113,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(small
     assert data["stream"]["shards"]["0"]["num_batches_yielded"] == 6
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(small_synthetic, tmp_path):
+def test_sigterm_checkpoints_that_step_and_exits_with_the_preempted_code(small_synthetic, tmp_path):
     root, _ = small_synthetic
     args = tiny_args(root, tmp_path, "pre", "--lora.enabled", "false", "--training.max_steps", "100000")
     run_dir = tmp_path / "pre"
@@ -116,7 +126,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(small_synthetic,
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    assert proc.returncode == 0, err[-3000:]
-    assert "stopped by SIGTERM" in out
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]  # checkpointed, not under SLURM: relaunch
+    assert "stopped by SIGTERM" in out and "relaunch the same command to resume" in out
     step = max(m["step"] for m in read_metrics(run_dir))
     assert latest_checkpoint(run_dir).name == f"step_{step:08d}"

@@ -3,7 +3,8 @@ wall-clock timeout (its whole process group is killed on expiry) and a collectiv
 (`distributed.timeout_s`), so nothing can hang:
 
 - DDP, FSDP2 (full shard) and hybrid-shard FSDP2 runs match a one-process run of the same global batch,
-  step by step;
+  step by step; the hybrid run is 2 "nodes" x 2 processes (two scripts/launch_torchrun.sh launchers,
+  c10d rendezvous), sharded over a 2 x 2 mesh;
 - an FSDP2 run stopped after 10 of 20 steps and resumed on 2 processes continues bitwise;
 - its checkpoint resumes on 1 process (DCP resharding) and continues the same curve.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_trainer import tiny_args, train_losses
 
-from vla_test_utils import run_cli
+from vla_test_utils import REPO, run_cli
 from vla_test_utils import torchrun as launch
 
 pytestmark = pytest.mark.slow
@@ -79,10 +80,50 @@ def runs(small_synthetic, tmp_path_factory):
     ok(torchrun(*tiny_args(root, out, "ddp", *COMMON, "--distributed.strategy", "ddp")))
     fsdp = ok(torchrun(*tiny_args(root, out, "fsdp", *COMMON, "--distributed.strategy", "fsdp")))
     assert "fsdp on 2 process(es)" in fsdp.stdout
-    # hybrid shard over a 2-D mesh: 2 replicas x 1 shard (the multi-node layout, on one machine)
+    # hybrid shard over a 2 x 2 mesh (2 replicas x 2 shards): 2 "nodes" of 2 processes each
     hybrid = ["--distributed.strategy", "fsdp", "--distributed.fsdp_hybrid_replicas", "2"]
-    ok(torchrun(*tiny_args(root, out, "hsdp", *COMMON, *hybrid)))
+    nodes = two_nodes(tiny_args(root, out, "hsdp", *COMMON, *hybrid))
+    assert "fsdp on 4 process(es)" in nodes[0].stdout + nodes[1].stdout
     return root, out
+
+
+def two_nodes(args: list[str]) -> list[subprocess.CompletedProcess]:
+    """`scripts/launch_torchrun.sh` as on two nodes (NNODES 2, 2 processes each, c10d rendezvous at
+    127.0.0.1): two launchers on this machine, as a user runs one on each node."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        env = {
+            **os.environ, "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "NPROC_PER_NODE": "2", "RDZV_ID": f"test{port}",
+            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                ["bash", "scripts/launch_torchrun.sh", *args],
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+            done.append(ok(subprocess.CompletedProcess(proc.args, proc.returncode, out, err)))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+    return done
 
 
 def test_ddp_fsdp_and_hybrid_fsdp_match_one_process(runs):
@@ -104,8 +145,8 @@ def test_ddp_fsdp_and_hybrid_fsdp_match_one_process(runs):
     # each rank wrote its own RNG state and data position; the weights are sharded DCP files
     ckpt = out / "fsdp" / "checkpoints" / "step_00000020"
     assert {p.name for p in ckpt.glob("*_rank*")} == {
-        "rng_rank0.pt",
-        "rng_rank1.pt",
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
         "data_rank0.json",
         "data_rank1.json",
     }

@@ -146,3 +146,41 @@ def multi_file_mixture(root: Path, work: Path, files: int = 4) -> Path:
     )
     shutil.copytree(work / "one" / DATASET_NAME, root / "syn_one_file")
     return registry
+
+
+def wandb_history(run_dir: Path) -> list[list[dict]]:
+    """The history rows (`_step` and every logged key, JSON-decoded) of each offline wandb run file under
+    run_dir/wandb, oldest file first. The files are LevelDB-style logs (32 KiB blocks of checksummed
+    chunks) of wandb's protobuf `Record`s, read here without wandb's reader."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def chunks(data: bytes):
+        pos, block, record = 7, 32768, b""  # after the ":W&B" header
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+            if left < 7 or (length == 0 and kind == 0):  # block padding
+                pos += left
+                continue
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            record = chunk if kind in (1, 2) else record + chunk  # full / first, or middle / last
+            if kind in (1, 4):
+                yield record
+
+    runs = []
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+        rows = []
+        for raw in chunks(data):
+            r = pb.Record()
+            r.ParseFromString(raw)
+            if r.WhichOneof("record_type") == "history":
+                rows.append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                )
+        runs.append(rows)
+    return runs

@@ -3,6 +3,7 @@ imports torch/TensorFlow and starts work."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from vla_train.config import ConfigError, ExportConfig, StatsConfig, TrainConfig
@@ -11,7 +12,7 @@ from vla_train.config_cli import parse_config
 
 def _fail(e: Exception) -> None:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(2)  # training/faults.py EXIT_CONFIG (kept literal: this module imports nothing heavy)
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -24,6 +25,9 @@ def train_main(argv: list[str] | None = None) -> None:
     `--preflight-only` prints the memory preflight's table (training/preflight.py) and exits, before any
     weight is read or TensorFlow is imported: status 0 when the estimate fits (or training.preflight is
     warn/off), 2 with the changes that would fit when it does not under strict.
+
+    Exit codes of a training run: training/faults.py (0 done or requeued, 2 bad config/data, 3 non-finite
+    step, 4 stalled rank, 75 preempted and checkpointed).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     preflight_only = "--preflight-only" in argv
@@ -44,12 +48,27 @@ def train_main(argv: list[str] | None = None) -> None:
             _fail(e)
         return
     from vla_train.data.errors import DatasetError
+    from vla_train.training.faults import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
     from vla_train.training.trainer import train
 
     try:
-        train(cfg)
+        result = train(cfg)
     except (DatasetError, ConfigError) as e:  # bad data, or a configuration the preflight refused
         _fail(e)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        _exit_now(EXIT_NONFINITE)
+    if result.get("preempted") and not result.get("requeued"):
+        _exit_now(EXIT_PREEMPTED)  # checkpointed: the same command resumes
+
+
+def _exit_now(code: int) -> None:
+    """Exit with `code` without the interpreter's teardown: a signal arriving during that (slow) teardown,
+    where Python's handlers are gone, would end the process with the signal instead of its code, and
+    torchrun sends SIGTERM to the other ranks as soon as one exits. Checkpoints and logs are closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def export_main(argv: list[str] | None = None) -> None:

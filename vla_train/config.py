@@ -480,6 +480,17 @@ class TrainingConfig:
     preflight: str = "strict"
     # Device memory per rank the preflight plans for, in GiB; 0 = detect it (set it to plan for another).
     preflight_device_memory_gb: float = 0.0
+    # A step whose loss or gradient is non-finite (NaN/inf) on any rank is never applied. halt: stop with
+    # exit code 3 naming the step, rank and dataset (the newest checkpoint holds the last good step);
+    # skip: drop the step on every rank, count it (train/nonfinite_skipped), and halt after
+    # max_consecutive_skips such steps in a row.
+    on_nonfinite: str = "halt"
+    max_consecutive_skips: int = 10
+    # Watchdog per rank: a step (or checkpoint write, or validation pass) not finished within this many
+    # seconds ends every rank with exit code 4, naming the stalled step and rank (0 = off). The first step
+    # includes filling the first shuffle block. The process group's timeout follows it
+    # (distributed.timeout_s 0).
+    step_timeout_s: int = 1800
 
     def validate(self, prefix: str = "training") -> list[str]:
         errs = []
@@ -496,6 +507,9 @@ class TrainingConfig:
         if self.preflight != "False":  # YAML reads a bare `off` as false, which draccus hands over as "False"
             errs += _one_of(self, prefix, "preflight", ("strict", "warn", "off"))
         errs += _at_least(self, prefix, 0, "preflight_device_memory_gb", note="0 = detect")
+        errs += _one_of(self, prefix, "on_nonfinite", ("halt", "skip"))
+        errs += _at_least(self, prefix, 1, "max_consecutive_skips")
+        errs += _at_least(self, prefix, 0, "step_timeout_s", note="seconds, 0 = no watchdog")
         errs += _one_of(
             self, prefix, "finetune_mode", FINETUNE_MODES, note="LoRA/QLoRA: lora.enabled / lora.quantization"
         )
@@ -528,14 +542,15 @@ class DistributedConfig:
     mixed_precision: str = "auto"
     # Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo.
     backend: str = "auto"
-    # Collective watchdog: a rank waiting longer than this on the others fails instead of hanging.
-    timeout_s: int = 1800
+    # Collective watchdog: a rank waiting longer than this on the others fails instead of hanging, in
+    # seconds. 0 = training.step_timeout_s + 60 (1800 with the step watchdog off).
+    timeout_s: int = 0
 
     def validate(self, prefix: str = "distributed") -> list[str]:
         errs = _one_of(self, prefix, "strategy", ("auto", "single", "ddp", "fsdp"))
         errs += _one_of(self, prefix, "mixed_precision", ("auto", "bf16", "fp32"))
         errs += _one_of(self, prefix, "backend", ("auto", "nccl", "gloo"))
-        errs += _at_least(self, prefix, 1, "timeout_s", note="seconds")
+        errs += _at_least(self, prefix, 0, "timeout_s", note="seconds, 0 = from training.step_timeout_s")
         errs += _at_least(self, prefix, 1, "fsdp_hybrid_replicas", note="1 = full shard")
         if self.fsdp_hybrid_replicas > 1 and self.strategy != "fsdp":
             errs.append(

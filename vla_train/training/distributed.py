@@ -67,8 +67,18 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> str:
     return mixed_precision
 
 
-def init_distributed(cfg: DistributedConfig) -> DistContext:
-    """Start (or join) the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK.
+def collective_timeout_s(cfg: DistributedConfig, step_timeout_s: int = 0) -> int:
+    """The process group's timeout: distributed.timeout_s, or (0) a minute above the step watchdog's
+    bound, so that the watchdog, which names the stalled step, fires first (1800 s without one)."""
+    if cfg.timeout_s:
+        return cfg.timeout_s
+    return step_timeout_s + 60 if step_timeout_s else 1800
+
+
+def init_distributed(cfg: DistributedConfig, step_timeout_s: int = 0) -> DistContext:
+    """Start (or join) the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK, with the
+    collective timeout of `collective_timeout_s` (and NCCL's asynchronous error handling on GPU, so a
+    timed-out collective ends the process instead of hanging it).
 
     Without torchrun, `single` runs without any group and `ddp`/`fsdp` get a one-process group (an
     in-memory store), so the same code path and checkpoint format serve one process and many.
@@ -87,7 +97,9 @@ def init_distributed(cfg: DistributedConfig) -> DistContext:
         return DistContext(0, 1, 0, device, strategy, precision, None, False)
 
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    timeout = datetime.timedelta(seconds=collective_timeout_s(cfg, step_timeout_s))
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     started = False
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:  # torchrun (or srun exporting the same variables)

@@ -1,6 +1,12 @@
 """Where metrics go: `metrics.jsonl` in the run directory always, Weights & Biases when enabled
 (offline mode writes its files under the run directory), a progress bar on the console. Only rank 0
-logs; the other ranks get a `NullLogger`."""
+logs; the other ranks get a `NullLogger`.
+
+A resumed run appends to both. A run resumed from a checkpoint older than its last logged step (a crash
+between checkpoints) logs those steps again: metrics.jsonl then holds them twice (the later record is
+the one that continued), and wandb, which drops any record whose step is not above the last one, gets
+its own monotone step (the count of records ever logged to the run, in metrics.jsonl) while every chart
+is drawn over `trainer/step`, the training step, so nothing is dropped on a resume."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ class MetricsLogger:
         initial_step: int = 0,
     ):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._records = len(self.path.read_text().splitlines()) if self.path.is_file() else 0
         self._file = open(self.path, "a", buffering=1)
         self._wandb = None
         if cfg.wandb_mode != "disabled":
@@ -36,6 +43,8 @@ class MetricsLogger:
                 config=run_config,
                 resume="allow",
             )
+            self._wandb.define_metric("trainer/step")
+            self._wandb.define_metric("*", step_metric="trainer/step")
         self._bar = None
         if cfg.progress_bar:
             from tqdm import tqdm
@@ -46,7 +55,8 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log({"trainer/step": step, **metrics}, step=self._records)
+        self._records += 1
 
     def progress(self, n: int = 1, **postfix) -> None:
         if self._bar is not None:

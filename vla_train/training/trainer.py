@@ -1,7 +1,8 @@
 """The training loop: `setup` (run directory, data statistics, model + LoRA or a freeze mode,
 parallelism, optimizer, resume, the frame stream) -> `train_step` (micro-batches, forward/backward,
 clipping, the optimizer step) -> the loop, with its once-in-a-while blocks (logs, validation,
-checkpoints, preemption).
+checkpoints) and its faults (training/faults.py: preemption, non-finite steps, the step watchdog; under
+SLURM a preempted job requeues itself, training/slurm.py).
 
 Every run writes to <output_dir>/<run_id>/ (runs.py); only rank 0 writes logs and prints. Every
 torch.distributed call lives in training/distributed.py, and the checkpoint format in
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,11 +77,12 @@ from vla_train.training.distributed import (
     wrap_model,
 )
 from vla_train.training.evaluate import validate
+from vla_train.training.faults import NonFiniteError, PreemptionWatcher, StepWatchdog, nonfinite_report
 from vla_train.training.logging import MetricsLogger, NullLogger
 from vla_train.training.metrics import accumulate, action_metrics, finalize
 from vla_train.training.optim import optimizer_for, schedule_for
-from vla_train.training.preemption import PreemptionWatcher
 from vla_train.training.preflight import check_before_loading
+from vla_train.training.slurm import job_to_requeue, requeue
 
 
 @dataclass
@@ -160,7 +164,10 @@ class Run:
     data_seed: int
     logger: MetricsLogger | NullLogger
     watcher: PreemptionWatcher
+    watchdog: StepWatchdog
     step: int = 0
+    nonfinite_skipped: int = 0  # steps dropped for a non-finite loss or gradient (on_nonfinite skip)
+    consecutive_skips: int = 0
     last_saved: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
     checkpoint: Path | None = None
 
@@ -174,7 +181,14 @@ class StepResult:
     sums: dict[str, Any]  # metric sums of the step's micro-batches on this rank (metrics.action_metrics)
     loss: float  # the last micro-batch's loss on this rank (for the progress bar)
     lr: float  # the learning rate of this step
-    grad_norm: float  # before clipping, over all ranks
+    grad_norm: float  # before clipping, over all ranks (non-finite: the step was not applied)
+    stop: bool = False  # some rank was asked to stop: this is the run's last step
+    losses: list[float] = field(default_factory=list)  # this rank's micro-batch losses (non-finite steps)
+    datasets: list[str] = field(default_factory=list)  # the datasets of each micro-batch (idem)
+
+    @property
+    def nonfinite(self) -> bool:
+        return not math.isfinite(self.grad_norm)
 
 
 @dataclass
@@ -378,7 +392,7 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
         cfg=cfg, ctx=ctx, run_dir=run_dir, config_yaml=config_yaml, datasets=datasets, norm_stats=norm_stats,
         vla=vla, model=model, processor=processor, params=params, optimizer=optimizer, scheduler=scheduler,
         plan=plan, stream=stream, data_seed=data_seed, logger=logger, watcher=PreemptionWatcher(),
-        step=step, last_saved=step if ckpt else None, checkpoint=ckpt,
+        watchdog=StepWatchdog(t.step_timeout_s, ctx.rank), step=step, last_saved=step if ckpt else None, checkpoint=ckpt,
     )  # fmt: skip
     for line in notes:
         run.say(line)
@@ -389,28 +403,29 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
 # ---- one step -----------------------------------------------------------------------------------
 
 
-def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult | None:
+def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult:
     """One optimizer step over this rank's micro-batches: forward/backward each (gradients synced on the
     last), clip, step, schedule. Call on every rank.
 
     One collective comes first: the step's supervised-token count over all ranks and micro-batches (the
-    loss is the sum of token losses over it), and whether any rank was asked to stop; on a stop nothing
-    is updated and None is returned.
+    loss is the sum of token losses over it), and whether any rank was asked to stop (the step still
+    runs: `stop` says it is the last). A non-finite global gradient norm (any rank's loss or gradient
+    non-finite; every rank sees the same norm) leaves the weights, optimizer and schedule untouched.
     """
     ctx, vla = run.ctx, run.vla
     inputs = [model_inputs(run.processor, b) for b in micro_batches]
     n_tok = [int((x["labels_BL"][:, 1:] != IGNORE_INDEX).sum()) for x in inputs]
     n_tok_global, stop = all_reduce_sum([sum(n_tok), float(run.watcher.requested)], ctx)
-    if stop:
-        return None
     lr = run.optimizer.param_groups[0]["lr"]
     sums: dict[str, Any] = {}
+    losses = []
     for i, (b, x) in enumerate(zip(micro_batches, inputs, strict=True)):
         with gradient_sync(run.model, enabled=i == len(micro_batches) - 1):
             with autocast(ctx):
                 out = run.model(**{k: v.to(ctx.device) for k, v in x.items()})
             # DDP and FSDP average gradients over ranks, hence the world size factor.
             (out.loss * (n_tok[i] * ctx.world_size / n_tok_global)).backward()
+        losses.append(out.loss.detach())
         # per-dataset sums (an extra cross-entropy) only when the run reads several datasets
         names = b["dataset_name"] if len(run.norm_stats) > 1 else None
         accumulate(sums, action_metrics(out, run.processor.action_tokenizer, names))
@@ -418,10 +433,43 @@ def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult | No
         tokens = int(x["attention_mask_BL"].sum()) + frames * vla.config.num_patches
         accumulate(sums, {"frames": frames, "tokens": tokens})
     grad_norm = clip_grad_norm(run.params, run.cfg.training.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
+    result = StepResult(sums, out.loss.item(), lr, grad_norm, stop=bool(stop))
+    if result.nonfinite:
+        result.losses = [float(x) for x in losses]
+        result.datasets = [", ".join(sorted(set(b["dataset_name"]))) for b in micro_batches]
+    else:
+        run.optimizer.step()
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(sums, out.loss.item(), lr, grad_norm)
+    return result
+
+
+def _on_nonfinite(run: Run, result: StepResult) -> None:
+    """A step that was not applied (non-finite loss or gradient): name it, then halt (on_nonfinite halt,
+    or max_consecutive_skips reached) with the last good step committed, or count it as skipped. Every
+    rank comes here at the same step (the norm is global). Call on every rank."""
+    t = run.cfg.training
+    report = nonfinite_report(
+        run.step, all_gather_objects((run.ctx.rank, result.losses, result.datasets), run.ctx)
+    )
+    run.consecutive_skips += 1
+    if t.on_nonfinite == "skip" and run.consecutive_skips <= t.max_consecutive_skips:
+        run.nonfinite_skipped += 1
+        run.scheduler.step()  # the schedule follows the step count
+        run.say(f"skipped {report} ({run.nonfinite_skipped} skipped so far)")
+        return
+    why = (
+        f"{t.max_consecutive_skips + 1} consecutive steps were non-finite (training.max_consecutive_skips)"
+        if t.on_nonfinite == "skip"
+        else "training.on_nonfinite is halt"
+    )
+    ckpt = _save(run) if run.last_saved != run.step else run.checkpoint
+    raise NonFiniteError(
+        f"{report}. Halted: {why}. The step was not applied; the newest checkpoint "
+        f"({ckpt or 'none: no step completed'}) holds the weights of step {run.step}, the last good one "
+        "(its data position is after this step's batches). Lower the learning rate or training.max_grad_norm, "
+        "check the named dataset, or set training.on_nonfinite skip"
+    )
 
 
 # ---- the loop and its once-in-a-while blocks ----------------------------------------------------
@@ -429,26 +477,29 @@ def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult | No
 
 def _log_window(run: Run, window: Window, last: StepResult) -> None:
     """The metrics line of the steps since the last one, summed over ranks. Call on every rank."""
-    total = sum_over_ranks(window.sums, run.ctx)
     # what the data pipeline dropped so far (all ranks), by reason: nothing is dropped silently
     drops = sum_over_ranks({k: float(v) for k, v in run.stream.drop_counts().items()}, run.ctx)
-    elapsed = time.perf_counter() - window.start
-    run.logger.log(
-        run.step,
-        {
+    metrics: dict[str, Any] = {f"data/dropped_{reason}": int(n) for reason, n in drops.items()}
+    if run.cfg.training.on_nonfinite == "skip":
+        metrics["train/nonfinite_skipped"] = run.nonfinite_skipped
+    if window.steps:  # every rank applied the same steps (a skipped one is skipped on all)
+        total = sum_over_ranks(window.sums, run.ctx)
+        elapsed = time.perf_counter() - window.start
+        metrics = {
             **finalize(total, "train"),
             "train/lr": last.lr,
             "train/grad_norm": last.grad_norm,
             "train/step_time_s": elapsed / window.steps,
             "train/samples_per_s": total["frames"] / elapsed,
             "train/tokens_per_s": total["tokens"] / elapsed,
-            **{f"data/dropped_{reason}": int(n) for reason, n in drops.items()},
-        },
-    )
+            **metrics,
+        }
+    run.logger.log(run.step, metrics)
 
 
 def _validate(run: Run) -> dict:
     """Validation metrics of the run's model now. Call on every rank."""
+    run.watchdog.arm(f"validation at step {run.step}")
     spec = stream_spec(
         run.cfg,
         run.datasets,
@@ -463,6 +514,7 @@ def _validate(run: Run) -> dict:
 def _save(run: Run) -> Path:
     """Commit a checkpoint of the current step. Call on every rank."""
     t = run.cfg.training
+    run.watchdog.arm(f"the checkpoint of step {run.step}")
     data_state = {
         "stream": run.stream.state_dict(),
         "seed": run.data_seed,
@@ -488,21 +540,27 @@ def _save(run: Run) -> Path:
 
 
 def _loop(run: Run) -> str:
-    """Train until max_steps or a stop signal; returns the signal's name ("" when max_steps was reached)."""
+    """Train until max_steps or a stop signal; returns the signal's name ("" when max_steps was reached).
+    A signal's step still completes, so the checkpoint after it holds exactly the batches consumed."""
     t, every = run.cfg.training, run.cfg.logging.log_every
     window = Window()
     batches = iter(run.stream) if run.step < t.max_steps else iter(())
     while run.step < t.max_steps:
+        run.watchdog.arm(f"step {run.step + 1}")
         micro = [{k: v[run.plan.rows] for k, v in next(batches).items()} for _ in range(t.grad_accum_steps)]
         result = train_step(run, micro)
-        if result is None:
-            return run.watcher.signal_name or "a signal on another rank"
+        if result.nonfinite:
+            _on_nonfinite(run, result)  # raises NonFiniteError unless the step is skipped
+        else:
+            run.consecutive_skips = 0
+            window.add(result)
         run.step += 1
-        window.add(result)
         run.logger.progress(1, loss=result.loss)
         if run.step % every == 0 or run.step == t.max_steps:
             _log_window(run, window, result)
             window = Window()
+        if result.stop and run.step < t.max_steps:
+            return run.watcher.signal_name or "a signal on another rank"
         if t.val_every and run.step % t.val_every == 0 and run.step < t.max_steps:
             run.logger.log(run.step, _validate(run))
         if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
@@ -515,7 +573,7 @@ def _finish(run: Run, preempted: str) -> dict[str, Any]:
     run was stopped. Call on every rank."""
     if preempted:
         ckpt = _save(run) if run.last_saved != run.step else run.checkpoint
-        run.say(f"stopped by {preempted} at step {run.step}; checkpoint {ckpt}; relaunch to resume")
+        run.say(f"stopped by {preempted} at step {run.step}; checkpoint {ckpt}")
         return {
             "step": run.step,
             "run_dir": str(run.run_dir),
@@ -538,12 +596,31 @@ def _finish(run: Run, preempted: str) -> dict[str, Any]:
     return {"step": run.step, "run_dir": str(run.run_dir), "checkpoint": str(ckpt), **val}
 
 
-def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
-    """Run (or resume) a training run on this process's rank; returns the final metrics (on every rank).
+def _requeue(run: Run) -> bool:
+    """After a preemption checkpoint under a SLURM batch job: rank 0 requeues the job (once), and every
+    rank learns whether it worked. False outside SLURM (the caller exits EXIT_PREEMPTED). Call on every
+    rank."""
+    job = job_to_requeue()
+    ok = job is not None
+    if job is None:
+        run.say("relaunch the same command to resume")
+    elif run.ctx.is_main:
+        try:
+            print(requeue(job), flush=True)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            ok = False
+    return bool(broadcast_object(ok, run.ctx))  # also: no rank exits before every rank is done
 
-    `return_model` adds the trained module (the VLA; sharded under FSDP) under "model", for tests.
+
+def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run on this process's rank; returns the final metrics (on every rank),
+    with "preempted" (the signal) and "requeued" when a signal stopped it.
+
+    Raises NonFiniteError when a non-finite step halts it. `return_model` adds the trained module (the
+    VLA; sharded under FSDP) under "model", for tests.
     """
-    ctx = init_distributed(cfg.distributed)
+    ctx = init_distributed(cfg.distributed, cfg.training.step_timeout_s)
     try:
         # before any weight is read: refuses (training.preflight strict) what cannot fit this rank's device
         check_before_loading(cfg, ctx.world_size, local_world_size(), is_main=ctx.is_main)
@@ -551,8 +628,12 @@ def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
         try:
             result = _finish(run, _loop(run))
         finally:
-            run.watcher.close()
+            run.watchdog.close()
             run.logger.close()
+        if not result.get("preempted"):  # a stopping rank (preempted, or raising) absorbs further signals
+            run.watcher.close()  # (torchrun's SIGTERM once a first rank exits) until it exits with its code
+        if result.get("preempted"):
+            result["requeued"] = _requeue(run)
         return {**result, "model": run.vla} if return_model else result
     finally:
         shutdown(ctx)
