@@ -274,6 +274,7 @@ def slow_vla_synthetic(traj):
 """
 
 
+@pytest.mark.exclusive  # a time bound: run alone (make test)
 def test_a_slow_first_statistics_pass_does_not_trip_the_watchdog(small_synthetic, tmp_path):
     """Rank 0 computes the statistics of an uncached dataset for ~12 s while the watchdog allows 5 s:
     the ranks wait for it under data.stats_timeout_s instead, and the log says what was computed and how

@@ -133,6 +133,7 @@ def test_nan_skip_drops_the_step_on_every_rank_counts_it_and_halts_when_repeated
     assert latest_checkpoint(run_dir).name == "step_00000007"  # the halt saved the last good weights
 
 
+@pytest.mark.exclusive  # a time bound: run alone (make test)
 def test_a_hung_rank_ends_every_process_within_the_bound(small_synthetic, tmp_path):
     root, _ = small_synthetic
     bound = 20

@@ -110,6 +110,7 @@ def _first_batch_after(spec, stats, position: int) -> tuple[float, list, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # a time bound: run alone (make test)
 def test_resume_takes_the_same_time_after_200_and_after_2000_batches(small_synthetic):
     """The data section of the reference tiny recipe (chunks, augmentation, 64-frame shuffle blocks):
     restoring the position after 2000 batches costs no more than after 200 (the stream seeks to its
