@@ -25,7 +25,7 @@ demo: $(STAMP)  ## train + validate + export + predict on the embedded synthetic
 	$(BIN)/vla-export --run_dir runs/demo --predict_samples 3
 
 test: $(STAMP)  ## the whole test suite, slow end-to-end tests included (2 workers, then the timed tests alone)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not exclusive" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not exclusive" tests
 	$(BIN)/python -m pytest -q -m exclusive tests
 
 test-fast: $(STAMP)  ## unit tests only (skips the slow end-to-end runs)
