@@ -12,7 +12,6 @@ Throughput is reported in frames per second per core (frames/s divided by the ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -20,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from markdown_table import add_table_row
+from markdown_table import report
 
 from vla_train.config import DataConfig, SyntheticDataConfig
 
@@ -204,17 +203,13 @@ def main() -> None:
         "stream_seconds": args.seconds,
         "cores": cores,
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.markdown:
-        row = (
-            f"| {time.strftime('%Y-%m-%d')} | {cores} cores | {result['decode_only_fps_per_core']} | "
-            f"{result['pipeline_fps_per_core']} | {result['ratio']} | {result['rss_mb_first_minute']} | "
-            f"{result['rss_mb_last_minute']} | {result['mixture_first_batch_s']} | {args.seconds:.0f} s | "
-            f"{result['frame_transform_ms_kernel']} / {result['frame_transform_ms_tf_ops']} |"
-        )
-        add_table_row(Path(args.markdown), "| date | machine | decode-only fps/core", row)
+    row = (
+        f"| {time.strftime('%Y-%m-%d')} | {cores} cores | {result['decode_only_fps_per_core']} | "
+        f"{result['pipeline_fps_per_core']} | {result['ratio']} | {result['rss_mb_first_minute']} | "
+        f"{result['rss_mb_last_minute']} | {result['mixture_first_batch_s']} | {args.seconds:.0f} s | "
+        f"{result['frame_transform_ms_kernel']} / {result['frame_transform_ms_tf_ops']} |"
+    )
+    report(result, args.json, args.markdown, "| date | machine | decode-only fps/core", row)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from markdown_table import add_table_row
+from markdown_table import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,16 +60,14 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "fresh_data": args.fresh_data,
     }
-    print(json.dumps(result, indent=2))
-    if args.markdown:
-        row = (
-            f"| {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
-            f"{result['total_s']} s (train {result['train_s']} s incl. data{' build' if args.fresh_data else ''}, "
-            f"export {result['export_s']} s) | {result['steps']} | {result['train_samples_per_s']} | "
-            f"{result['val_action_token_accuracy']} | {result['val_generated_action_token_accuracy']} | "
-            f"{result['val_action_l1']} |"
-        )
-        add_table_row(Path(args.markdown), "| date | machine | wall time", row)
+    row = (
+        f"| {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
+        f"{result['total_s']} s (train {result['train_s']} s incl. data{' build' if args.fresh_data else ''}, "
+        f"export {result['export_s']} s) | {result['steps']} | {result['train_samples_per_s']} | "
+        f"{result['val_action_token_accuracy']} | {result['val_generated_action_token_accuracy']} | "
+        f"{result['val_action_l1']} |"
+    )
+    report(result, None, args.markdown, "| date | machine | wall time", row)
 
 
 if __name__ == "__main__":

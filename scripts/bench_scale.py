@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from markdown_table import add_table_row
+from markdown_table import report
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the datasets the tests write (vla_test_utils)
@@ -182,19 +182,15 @@ def main() -> None:
         "preflight_openvla_7b_lora_r32_b16_bf16_gib": round(seven_b, 2),
         "cores": os.cpu_count(),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.markdown:
-        row = (
-            f"| {time.strftime('%Y-%m-%d')} | {result['cores']} cores | "
-            f"{' / '.join(str(f) for f in result['records_read_fraction_per_rank'])} | "
-            f"{result['resume_first_batch_s_early']} s ({args.early}) / {result['resume_first_batch_s_late']} s "
-            f"({args.late}) | {' / '.join(str(f) for f in result['load_peak_rss_fraction_per_rank'])} | "
-            + " / ".join(f"{k} {v:+.1f}%" for k, v in result["preflight_error_pct_by_mode"].items())
-            + f" | {result['preflight_openvla_7b_lora_r32_b16_bf16_gib']} GiB |"
-        )
-        add_table_row(Path(args.markdown), "| date | machine | records read per rank", row)
+    row = (
+        f"| {time.strftime('%Y-%m-%d')} | {result['cores']} cores | "
+        f"{' / '.join(str(f) for f in result['records_read_fraction_per_rank'])} | "
+        f"{result['resume_first_batch_s_early']} s ({args.early}) / {result['resume_first_batch_s_late']} s "
+        f"({args.late}) | {' / '.join(str(f) for f in result['load_peak_rss_fraction_per_rank'])} | "
+        + " / ".join(f"{k} {v:+.1f}%" for k, v in result["preflight_error_pct_by_mode"].items())
+        + f" | {result['preflight_openvla_7b_lora_r32_b16_bf16_gib']} GiB |"
+    )
+    report(result, args.json, args.markdown, "| date | machine | records read per rank", row)
 
 
 if __name__ == "__main__":

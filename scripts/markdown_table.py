@@ -1,8 +1,11 @@
-"""Adding a result row to a table of BENCHMARKS.md (used by the benchmark scripts)."""
+"""A benchmark's outputs: its result as JSON (printed, and written to --json) and its row in a table of
+BENCHMARKS.md (--markdown). Used by the benchmark scripts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 def add_table_row(path: Path, header_start: str, row: str) -> None:
@@ -18,3 +21,16 @@ def add_table_row(path: Path, header_start: str, row: str) -> None:
             end += 1
         lines.insert(end + 1, row)
     path.write_text("\n".join(lines) + "\n")
+
+
+def report(
+    result: dict[str, Any], json_path: str | None, markdown_path: str | None, header_start: str, row: str
+):
+    """Print `result` as JSON, write it to `json_path`, and add `row` to the table of `markdown_path` whose
+    header starts with `header_start` (each when given)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text)
+    if markdown_path:
+        add_table_row(Path(markdown_path), header_start, row)

@@ -8,11 +8,12 @@ import sys
 
 from vla_train.config import ConfigError, ExportConfig, StatsConfig, TrainConfig
 from vla_train.config_cli import parse_config
+from vla_train.training.faults import EXIT_CONFIG  # standard library only: nothing heavy before validation
 
 
 def _fail(e: Exception) -> None:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)  # training/faults.py EXIT_CONFIG (kept literal: this module imports nothing heavy)
+    sys.exit(EXIT_CONFIG)
 
 
 def train_main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,6 @@ import threading
 import time
 from typing import Any
 
-EXIT_OK = 0  # finished; or preempted under a SLURM batch job, checkpointed and requeued
 EXIT_CONFIG = 2  # a bad config field, bad data, or a configuration the memory preflight refused
 EXIT_NONFINITE = 3  # non-finite loss/gradient (on_nonfinite halt, or too many consecutive skips)
 EXIT_STALLED = 4  # the step watchdog ended a rank that made no progress within training.step_timeout_s
