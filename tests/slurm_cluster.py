@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vla_test_utils import AptError, apt_install
+
 PACKAGES = ("slurmctld", "slurmd", "munge")  # slurm-client comes with them
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue", "srun")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
@@ -53,28 +55,16 @@ def ensure_installed(timeout_s: float = 900) -> float:
     missing = missing_commands()
     if not missing:
         return 0.0
-    want = f"apt-get install {' '.join(PACKAGES)}"
-    if os.geteuid() != 0:
-        raise ClusterError(f"SLURM commands {missing} are missing and this is not root: run `{want}`")
-    if _which("apt-get") is None:
-        raise ClusterError(f"SLURM commands {missing} are missing and there is no apt-get to `{want}`")
     start = time.monotonic()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
-    ):
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-        except subprocess.TimeoutExpired as e:
-            raise ClusterError(f"`{' '.join(cmd)}` did not finish within {timeout_s:.0f}s") from e
-        if proc.returncode != 0:
-            raise ClusterError(
-                f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
-            )
+    try:
+        apt_install(PACKAGES, f"SLURM commands {missing} are", timeout_s)
+    except AptError as e:
+        raise ClusterError(str(e)) from None
     still = missing_commands()
     if still:
-        raise ClusterError(f"`{want}` succeeded but {still} are still not found on {SEARCH_PATH}")
+        raise ClusterError(
+            f"`apt-get install {' '.join(PACKAGES)}` succeeded but {still} are still not found on {SEARCH_PATH}"
+        )
     return time.monotonic() - start
 
 

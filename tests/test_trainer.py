@@ -412,3 +412,57 @@ def test_threads_per_rank_come_from_the_cores_available_to_it(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6})  # numactl / --cpu-bind
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert distributed.cores_per_rank() == 3
+
+
+def test_validation_per_dimension_and_task_best_checkpoint_curves_and_rerun(small_synthetic, tmp_path):
+    """num_val_frames -1 evaluates the whole val split; validation reports accuracy per action dimension,
+    over the dimensions that vary and per instruction; the best checkpoint by training.best_metric is kept
+    and exports; curves.png is drawn; launching the finished run again logs nothing new."""
+    from PIL import Image
+
+    root, cfg = small_synthetic
+    metric = "val/generated_action_token_accuracy"
+    extra = ["--lora.enabled", "false", "--training.max_steps", "6", "--training.val_every", "2"]
+    extra += ["--training.num_val_frames", "-1", "--training.best_metric", metric]
+    args = tiny_args(root, tmp_path, "best", *extra)
+    run_in_process(args)
+    run_dir = tmp_path / "best"
+    vals = [m for m in read_metrics(run_dir) if "val/loss" in m]
+    assert [m["step"] for m in vals] == [2, 4, 6]
+    last = vals[-1]
+    assert last["val/num_frames"] == cfg.num_val_episodes * cfg.steps_per_episode  # the whole split
+    for d in range(7):
+        assert 0 <= last[f"val/dim{d}/action_token_accuracy"] <= 1
+        assert f"val/dim{d}/generated_action_token_accuracy" in last
+    dims = np.mean([last[f"val/dim{d}/action_token_accuracy"] for d in range(7)])
+    assert abs(dims - last["val/action_token_accuracy"]) < 1e-9  # every frame supervises all 7 dims
+    assert last["val/action_token_accuracy_varying_dims"] == last["val/action_token_accuracy"]  # all vary
+    tasks = [k for k in last if k.startswith("val/task/") and k.endswith("/action_token_accuracy")]
+    assert len(tasks) > 1
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    top = max(m[metric] for m in vals)
+    assert best["value"] == top and best["step"] == next(m["step"] for m in vals if m[metric] == top)
+    assert (run_dir / "best" / "state.json").is_file()
+    curves = np.asarray(Image.open(run_dir / "curves.png").convert("RGB"))
+    assert curves.shape[0] > 100 and curves.std() > 5
+
+    lines = (run_dir / "metrics.jsonl").read_text()
+    result = run_in_process(args)  # the finished run again
+    assert (run_dir / "metrics.jsonl").read_text() == lines
+    assert result["val/loss"] == last["val/loss"]
+
+    proc = run_cli(
+        "export_main", "--run_dir", str(run_dir), "--checkpoint", "best", "--output_dir", str(tmp_path / "x")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "x" / "export_report.json").read_text())["checkpoint"].endswith("best")
+
+
+def test_varying_dims_leave_out_constant_dimensions():
+    from vla_train.training.metrics import _per_dim_sums, varying_dims
+
+    stats = {"min": [-1, -1, -1, 0, 0, 0, 0], "max": [1, 1, 1, 0, 0, 0, 1]}  # a robot that never turns
+    assert varying_dims(stats).tolist() == [True] * 3 + [False] * 3 + [True]
+    correct = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 0, 0, 1, 1, 1, 1]], bool)
+    sums = _per_dim_sums(correct, np.zeros(correct.shape), stats, "")
+    assert sums["varying_n"] == 8 and sums["varying_correct"] == 4  # 10 of 14 over all dimensions

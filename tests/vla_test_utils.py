@@ -12,6 +12,47 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+class AptError(RuntimeError):
+    """A Debian package a test needs could not be installed."""
+
+
+def apt_install(packages: tuple[str, ...], what: str, timeout_s: float = 900) -> float:
+    """`apt-get update` then `apt-get install -y --no-install-recommends PACKAGES` (as root); returns the
+    seconds it took. `what` names what is missing, for the error when this cannot be done."""
+    import time
+
+    want = f"apt-get install {' '.join(packages)}"
+    if os.geteuid() != 0:
+        raise AptError(f"{what} missing and this is not root: run `{want}`")
+    if shutil.which("apt-get") is None:
+        raise AptError(f"{what} missing and there is no apt-get to `{want}`")
+    start = time.monotonic()
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+    ):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired as e:
+            raise AptError(f"`{' '.join(cmd)}` did not finish within {timeout_s:.0f}s") from e
+        if proc.returncode != 0:
+            raise AptError(
+                f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+    return time.monotonic() - start
+
+
+def ensure_osmesa() -> None:
+    """Headless MuJoCo rendering: Debian's libosmesa6, installed when missing (as the SLURM fixture does)."""
+    import ctypes.util
+
+    if ctypes.util.find_library("OSMesa") is None:
+        apt_install(("libosmesa6",), "the OSMesa library (headless rendering for Meta-World) is")
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+
+
 def run_cli(
     entry: str, *args: str, cwd: Path | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vla_train.config import ConfigError, ExportConfig, StatsConfig, TrainConfig
+from vla_train.config import ConfigError, EvalConfig, ExportConfig, StatsConfig, TrainConfig
 from vla_train.config_cli import parse_config
 from vla_train.training.faults import EXIT_CONFIG  # standard library only: nothing heavy before validation
 
@@ -121,8 +121,14 @@ def stats_main(argv: list[str] | None = None) -> None:
 
 
 def data_main(argv: list[str] | None = None) -> None:
-    """vla-data --data.data_root_dir DIR [--data.synthetic.num_train_episodes N]: build the synthetic dataset."""
+    """vla-data --data.data_root_dir DIR [--data.synthetic.num_train_episodes N]: build the synthetic dataset.
+
+    vla-data metaworld --tasks mt10 --episodes-per-task N --out DIR [--wrist true ...]: scripted-expert
+    demonstrations from Meta-World as the RLDS dataset metaworld_mt10 (vla_train/sim/demos.py).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["metaworld"]:
+        return _metaworld_data(argv[1:])
     try:
         cfg = parse_config(StatsConfig, argv + ["--data.build_synthetic", "true"])
     except ConfigError as e:
@@ -130,6 +136,77 @@ def data_main(argv: list[str] | None = None) -> None:
     from vla_train.data.synthetic import build_synthetic_dataset
 
     print(build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic))
+
+
+def _underscored(argv: list[str]) -> list[str]:
+    """--episodes-per-task 4 -> --episodes_per_task 4 (both spellings are accepted)."""
+    out = []
+    for a in argv:
+        name, sep, value = a.partition("=")
+        out.append("--" + name[2:].replace("-", "_") + sep + value if a.startswith("--") else a)
+    return out
+
+
+def _metaworld_data(argv: list[str]) -> None:
+    import json
+
+    from vla_train.config import MetaWorldDataConfig
+
+    try:
+        cfg = parse_config(MetaWorldDataConfig, _underscored(argv))
+    except ConfigError as e:
+        _fail(e)
+    from vla_train.sim.demos import build_metaworld_dataset
+
+    try:
+        result = build_metaworld_dataset(cfg)
+    except ImportError as e:
+        _fail(e)
+    shown = {k: v for k, v in result.items() if k not in ("identity", "attempts")}
+    print(json.dumps(shown, indent=2))
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """vla-eval --policy DIR|expert|replay:DATA_ROOT [--tasks mt10] [--trials 20] [--max_steps 200] [--out DIR]
+
+    Closed-loop evaluation in Meta-World (vla_train/eval/): results.json, results.md, videos/<task>.gif
+    and success.png in the output folder.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(EvalConfig, _underscored(argv))
+    except ConfigError as e:
+        _fail(e)
+    import json
+    from pathlib import Path
+
+    from vla_train.eval.closed_loop import evaluate_closed_loop, make_trials, render_for
+    from vla_train.eval.policies import load_policy
+    from vla_train.sim.metaworld_env import resolve_tasks
+
+    try:
+        policy, meta = load_policy(cfg.policy, cfg.unnorm_key, cfg.device)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+    data_root = cfg.data_root_dir or meta.get("data_root_dir", "")
+    if not data_root and meta.get("kind") == "run":
+        from vla_train.export import load_run_config
+
+        data_root = load_run_config(Path(cfg.policy)).data.data_root_dir
+    if cfg.out:
+        out = Path(cfg.out)
+    elif meta["kind"] in ("expert", "replay"):
+        out = Path("runs") / f"eval_{meta['kind']}"
+    else:
+        out = Path(cfg.policy) / "eval"
+    seeds = policy.seeds(resolve_tasks(cfg.tasks)) if cfg.seed_split == "dataset" else None
+    trials = make_trials(cfg, cfg.seed_split, cfg.first_seed, seeds)
+    meta = {"policy": meta, "seed_split": cfg.seed_split, "tasks_spec": cfg.tasks}
+    summary = evaluate_closed_loop(
+        policy, cfg, out, render_for(cfg, data_root), trials, meta, progress_bar=cfg.progress_bar
+    )
+    print((out / "results.md").read_text(), end="")
+    print(json.dumps({"out": str(out), "success_rate": summary["success_rate"]}))
 
 
 if __name__ == "__main__":

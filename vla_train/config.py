@@ -461,12 +461,19 @@ class TrainingConfig:
     finetune_mode: str = "full"
     # Seed of the model init, data order and augmentation: the same seed reproduces the run.
     seed: int = 7
-    # Frames evaluated on the validation split at the end of training (and every val_every steps).
+    # Frames evaluated on the validation split at the end of training (and every val_every steps);
+    # -1 = the whole split (of every dataset of a mixture), 0 = no validation.
     num_val_frames: int = 256
     # Run validation every this many steps (0 = only at the end).
     val_every: int = 0
     # Write a checkpoint every this many steps (0 = only at the end); the run resumes from the newest.
     checkpoint_every: int = 0
+    # Keep the checkpoint with the best value of this validation metric (e.g.
+    # val/generated_action_token_accuracy_varying_dims) in <run_dir>/best, checked at every validation;
+    # empty = off. `vla-export --checkpoint best` exports it.
+    best_metric: str = ""
+    # Whether a larger (max) or smaller (min) best_metric is better.
+    best_mode: str = "max"
     # Committed checkpoints kept on disk (older ones are deleted after each commit).
     keep_last_checkpoints: int = 2
     # How ranks split the data: episodes (each rank reads a disjoint 1/world share of the episodes) or
@@ -499,11 +506,21 @@ class TrainingConfig:
                 _problem(f"{prefix}.max_steps", f"must be a positive step count, got {self.max_steps}")
             )
         errs += _at_least(self, prefix, 1, "batch_size", "grad_accum_steps", "keep_last_checkpoints")
-        errs += _at_least(self, prefix, 0, "weight_decay", "num_val_frames", "num_threads")
+        errs += _at_least(self, prefix, 0, "weight_decay", "num_threads")
+        errs += _at_least(self, prefix, -1, "num_val_frames", note="-1 = the whole split, 0 = none")
         errs += _at_least(self, prefix, 0, "val_every", "checkpoint_every", note="0 = only at the end")
         errs += _at_least(self, prefix, 0, "max_grad_norm", note="0 disables clipping")
         errs += _one_of(self, prefix, "lr_schedule", LR_SCHEDULES)
         errs += _one_of(self, prefix, "data_sharding", ("episodes", "batch_slice"))
+        errs += _one_of(self, prefix, "best_mode", ("max", "min"))
+        if self.best_metric and not self.best_metric.startswith("val/"):
+            errs.append(
+                _problem(
+                    f"{prefix}.best_metric", f"'{self.best_metric}' is not a validation metric (val/...)"
+                )
+            )
+        if self.best_metric and self.num_val_frames == 0:
+            errs.append(_problem(f"{prefix}.best_metric", "needs validation: set num_val_frames (-1 or > 0)"))
         if self.preflight != "False":  # YAML reads a bare `off` as false, which draccus hands over as "False"
             errs += _one_of(self, prefix, "preflight", ("strict", "warn", "off"))
         errs += _at_least(self, prefix, 0, "preflight_device_memory_gb", note="0 = detect")
@@ -579,6 +596,14 @@ def launch_problems(cfg: TrainConfig, world_size: int) -> list[str]:
             _problem(
                 "distributed.strategy",
                 f"single cannot run on {world_size} processes; use ddp or fsdp (or launch one process)",
+            )
+        )
+    if cfg.eval.rollouts_every and d.strategy == "fsdp":
+        errs.append(
+            _problem(
+                "eval.rollouts_every",
+                "rollouts during training run the model on rank 0 alone, which a sharded (fsdp) model "
+                "cannot; use ddp or single, or evaluate the checkpoints with vla-eval",
             )
         )
     if d.strategy == "fsdp" and lora.quantization != "none":
@@ -659,6 +684,60 @@ class LoggingConfig:
         return errs
 
 
+def _tasks_problem(tasks: str, path: str) -> list[str]:
+    from vla_train.sim.metaworld_env import resolve_tasks  # numpy only: no simulator import
+
+    try:
+        resolve_tasks(tasks)
+    except ValueError as e:
+        return [_problem(path, str(e))]
+    return []
+
+
+@dataclass
+class RolloutConfig:
+    # Meta-World tasks: 'mt10' or comma-separated names (reach-v3,push-v3).
+    tasks: str = "mt10"
+    # Trials per task (evaluation seeds k = 0..trials-1 of each task's range).
+    trials: int = 20
+    # Steps before a trial counts as failed (the experts need 48-117, peg-insert-side up to ~200).
+    max_steps: int = 200
+    # Rendered frame side, pixels; 0 = what the training data was rendered at (its generation.json),
+    # else 224. The policy should see frames rendered as in training.
+    image_size: int = 0
+    # Anti-aliasing samples; -1 = as the training data (else 4).
+    msaa_samples: int = -1
+    # Simulator worker processes; 0 = one per core.
+    num_workers: int = 0
+    # Trials per task saved as a video (the first ones).
+    video_trials: int = 2
+
+    def validate(self, prefix: str = "") -> list[str]:
+        errs = _at_least(self, prefix, 1, "trials", "max_steps")
+        errs += _at_least(self, prefix, 0, "image_size", "num_workers", "video_trials")
+        errs += _at_least(self, prefix, -1, "msaa_samples", note="-1 = as the training data")
+        if 0 < self.image_size < 16:
+            errs.append(
+                _problem(_field(prefix, "image_size"), f"must be 0 or >= 16 pixels, got {self.image_size}")
+            )
+        return errs + _tasks_problem(self.tasks, _field(prefix, "tasks"))
+
+
+@dataclass
+class TrainRolloutConfig(RolloutConfig):
+    # Closed-loop rollouts in Meta-World every this many steps (and at the end) on the val seed range,
+    # logged as rollout/... like validation (0 = off). Single process or DDP (rank 0 runs them).
+    rollouts_every: int = 0
+    # Tasks, trials per task and videos per task of each round (small: a round costs minutes on a CPU).
+    tasks: str = "mt10"
+    trials: int = 2
+    video_trials: int = 1
+    max_steps: int = 150
+
+    def validate(self, prefix: str = "eval") -> list[str]:
+        return super().validate(prefix) + _at_least(self, prefix, 0, "rollouts_every", note="0 = off")
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -667,6 +746,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: TrainRolloutConfig = field(default_factory=TrainRolloutConfig)
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem (call before any heavy import)."""
@@ -677,6 +757,7 @@ class TrainConfig:
             + self.training.validate("training")
             + self.distributed.validate("distributed")
             + self.logging.validate("logging")
+            + (self.eval.validate("eval") if self.eval.rollouts_every else [])
             + launch_problems(self, launch_world_size())
         )
         if errs:
@@ -689,6 +770,8 @@ class ExportConfig:
     run_dir: str = ""
     # Where the merged model directory is written; empty = <run_dir>/export.
     output_dir: str = ""
+    # Which checkpoint: empty = the newest, best = the one kept by training.best_metric, or a directory.
+    checkpoint: str = ""
     # After exporting, reload the directory and predict this many held-out validation frames.
     predict_samples: int = 0
 
@@ -701,6 +784,20 @@ class ExportConfig:
                 _problem("run_dir", f"'{self.run_dir}' is not a vla-train run directory (no config.yaml)")
             )
         errs += _at_least(self, "", 0, "predict_samples")
+        if (
+            self.checkpoint == "best"
+            and self.run_dir
+            and not (Path(self.run_dir) / "best" / "state.json").is_file()
+        ):
+            errs.append(
+                _problem(
+                    "checkpoint", f"'{self.run_dir}' has no best checkpoint (train with training.best_metric)"
+                )
+            )
+        elif self.checkpoint not in ("", "best") and not (Path(self.checkpoint) / "state.json").is_file():
+            errs.append(
+                _problem("checkpoint", f"'{self.checkpoint}' is not a committed checkpoint directory")
+            )
         if errs:
             raise ConfigError("invalid export config:\n  " + "\n  ".join(errs))
 
@@ -712,5 +809,102 @@ class StatsConfig:
 
     def validate(self) -> None:
         errs = self.data.validate("data")
+        if errs:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+
+
+@dataclass
+class MetaWorldDataConfig:
+    # Tasks to record: 'mt10' or comma-separated names (reach-v3,push-v3; '-v3' may be left off).
+    tasks: str = "mt10"
+    # Successful expert episodes per task in the train split.
+    episodes_per_task: int = 20
+    # Successful expert episodes per task in the val split (its own seed range).
+    val_episodes_per_task: int = 2
+    # Data root directory: the dataset goes to <out>/metaworld_mt10/1.0.0, episode files to
+    # <out>/_metaworld_episodes (kept: a re-run resumes and rebuilds from them).
+    out: str = "data_cache"
+    # Side of the rendered square frames, pixels.
+    image_size: int = 224
+    # Multisample anti-aliasing samples (0 = off: about half the render time, jagged edges).
+    msaa_samples: int = 4
+    # Also render the gripper camera, stored as observation/wrist_image.
+    wrist: bool = False
+    # JPEG quality of the stored frames (95: ~17.5 KiB per 224 px frame; 75: ~7 KiB).
+    jpeg_quality: int = 95
+    # Longest expert attempt, steps; an attempt without success by then is dropped.
+    max_episode_steps: int = 300
+    # Steps recorded after the first success (the episode still succeeds at its last step).
+    steps_after_success: int = 10
+    # Seeds tried per task and split before giving up; 0 = 3 x the episodes asked for + 5.
+    max_seeds_per_task: int = 0
+    # Worker processes (each renders with one thread); 0 = one per core.
+    num_workers: int = 0
+    # TFRecord files per split; 0 = as tfds sizes them.
+    num_files: int = 0
+    # Show a progress bar.
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        errs = _at_least(self, "", 1, "episodes_per_task", "val_episodes_per_task", "max_episode_steps")
+        errs += _at_least(self, "", 0, "msaa_samples", "steps_after_success", "max_seeds_per_task")
+        errs += _at_least(self, "", 0, "num_workers", "num_files")
+        errs += _at_least(self, "", 16, "image_size", note="pixels")
+        if not 1 <= self.jpeg_quality <= 100:
+            errs.append(_problem("jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}"))
+        if self.max_seeds_per_task and self.max_seeds_per_task < max(
+            self.episodes_per_task, self.val_episodes_per_task
+        ):
+            errs.append(_problem("max_seeds_per_task", "must be at least the episodes asked for per task"))
+        errs += _tasks_problem(self.tasks, "tasks")
+        why = writable_dir_problem(self.out)
+        if why:
+            errs.append(_problem("out", why))
+        if errs:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+
+
+@dataclass
+class EvalConfig(RolloutConfig):
+    # What to evaluate: an exported model directory, a vla-train run directory (its newest checkpoint),
+    # 'expert' (Meta-World's scripted experts) or 'replay:<data_root_dir>' (a dataset's recorded actions).
+    policy: str = ""
+    # Seed range: eval (held out), val, train, or dataset (the seeds a replay policy's episodes came from).
+    seed_split: str = "eval"
+    # First seed index within the range (trials use first_seed .. first_seed + trials - 1).
+    first_seed: int = 0
+    # Output folder; empty = <policy dir>/eval (runs/eval_<policy> for expert and replay).
+    out: str = ""
+    # Dataset whose statistics unnormalize the actions; empty = metaworld_mt10 when the model has it.
+    unnorm_key: str = ""
+    # Where the policy runs: cpu or cuda.
+    device: str = "cpu"
+    # Data root of the training data, to render as it was rendered (found from a run's config if empty).
+    data_root_dir: str = ""
+    # Show a progress bar.
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        errs = super().validate()
+        if not self.policy:
+            errs.append(
+                _problem(
+                    "policy", "is required: a model directory, a run directory, 'expert' or 'replay:DIR'"
+                )
+            )
+        elif self.policy != "expert" and not self.policy.startswith("replay:"):
+            p = Path(self.policy)
+            if not ((p / "config.json").is_file() or (p / "config.yaml").is_file()):
+                errs.append(
+                    _problem(
+                        "policy",
+                        f"'{self.policy}' is neither a model directory (config.json) nor a run directory (config.yaml)",
+                    )
+                )
+        errs += _one_of(self, "", "seed_split", ("eval", "val", "train", "dataset"))
+        if self.seed_split == "dataset" and not self.policy.startswith("replay:"):
+            errs.append(_problem("seed_split", "'dataset' needs a replay:<data_root_dir> policy"))
+        errs += _at_least(self, "", 0, "first_seed")
+        errs += _one_of(self, "", "device", ("cpu", "cuda"))
         if errs:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

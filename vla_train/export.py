@@ -34,7 +34,7 @@ from vla_train.runs import (
     stream_spec,
     use_run_preprocessing,
 )
-from vla_train.training.checkpoint import latest_checkpoint, load_checkpoint
+from vla_train.training.checkpoint import BEST_DIR, latest_checkpoint, load_checkpoint
 from vla_train.training.logging import read_metrics
 
 
@@ -90,11 +90,18 @@ def load_trained(
     return model.eval(), processor
 
 
+def chosen_checkpoint(run_dir: Path, which: str = "") -> Path | None:
+    """'' = the newest committed checkpoint, 'best' = <run_dir>/best, else the directory given."""
+    if which == "best":
+        return run_dir / BEST_DIR
+    return Path(which) if which else latest_checkpoint(run_dir)
+
+
 def export_run(cfg: ExportConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     train_cfg = load_run_config(run_dir)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "export"
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = chosen_checkpoint(run_dir, cfg.checkpoint)
     norm_stats = json.loads((run_dir / STATS_FILE).read_text())
 
     with torch.device("cpu"):

@@ -429,6 +429,15 @@ def passthrough(steps: Trajectory) -> Trajectory:
     return _out(steps, steps["action"])
 
 
+def metaworld(steps: Trajectory) -> Trajectory:
+    """vla-data metaworld output (already in the convention); without --wrist the gripper camera was not
+    rendered, and its key holds empty frames like any camera a dataset does not have."""
+    obs = dict(steps["observation"])
+    if "wrist_image" not in obs:
+        obs["wrist_image"] = tf.fill([tf.shape(steps["action"])[0]], "")
+    return _out(steps, steps["action"], obs)
+
+
 def utokyo_xarm_bimanual(steps: Trajectory) -> Trajectory:
     """14-dim bimanual action: keep the right arm (the last seven dims)."""
     return _out(steps, _f32(steps["action"])[..., -7:])
@@ -703,6 +712,7 @@ STANDARDIZE_FNS: dict[str, StandardizeFn] = {
     "expert_demos": expert_demos,
     "libero": libero,
     "vla_synthetic": passthrough,
+    "metaworld": metaworld,
 }
 
 

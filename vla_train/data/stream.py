@@ -11,6 +11,8 @@ of the dataset it came from.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import queue
 import threading
@@ -185,6 +187,18 @@ class FrameStream:
         self._position: StreamPosition | None = None
         self.filters: list = []  # EpisodeFilter per dataset and the FrameCheck, once iterated
         self.readers: list = []  # rlds.RecordCounter per dataset, once iterated
+        self._running = threading.Event()  # cleared by paused(): the producer waits before its next batch
+        self._running.set()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The producer thread finishes no batch inside this block (tf.data's own prefetch fills its
+        bounded buffers, then idles): for work that needs the cores meanwhile, such as rollouts."""
+        self._running.clear()
+        try:
+            yield
+        finally:
+            self._running.set()
 
     def _num_transitions(self) -> dict[str, int]:
         if is_per_dataset(self.statistics):
@@ -245,6 +259,9 @@ class FrameStream:
         try:
             with read_errors_named(self.spec.data.data_root_dir, self.spec.dataset_names):
                 for i, batch in enumerate(ds.as_numpy_iterator(), 1):
+                    while not self._running.wait(0.1):
+                        if stop.is_set():
+                            return
                     if not put(self._finish(batch)):
                         return
                     if i % TRIM_EVERY_BATCHES == 0:
@@ -370,6 +387,14 @@ class ShardedStream:
 
     def drop_counts(self) -> dict[str, int]:
         return _summed([s.drop_counts() for s in self.streams])
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Every shard's producer paused (FrameStream.paused)."""
+        with contextlib.ExitStack() as stack:
+            for s in self.streams:
+                stack.enter_context(s.paused())
+            yield
 
     def records_read(self) -> int:
         return sum(s.records_read() for s in self.streams)

@@ -355,6 +355,28 @@ def save_checkpoint(
     return final
 
 
+BEST_DIR = "best"  # <run_dir>/best: a copy of the checkpoint with the best validation metric so far
+BEST_FILE = "best.json"
+
+
+def best_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """{metric, mode, value, step} of the run's best checkpoint, or None."""
+    path = Path(run_dir) / BEST_DIR / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def keep_best(run_dir: str | Path, checkpoint: Path, record: dict[str, Any]) -> Path:
+    """Copy the committed `checkpoint` to <run_dir>/best with `record` (its metric and value), replacing
+    the previous best in one rename; it is kept whatever keep_last_checkpoints deletes. Rank 0 only."""
+    final = Path(run_dir) / BEST_DIR
+    tmp = Path(run_dir) / f"{TMP_PREFIX}{BEST_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    _write_file(tmp / BEST_FILE, json.dumps({**record, "checkpoint": checkpoint.name}, indent=2))
+    commit(tmp, final)
+    return final
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's generators."""
     random.seed(seed)

@@ -30,10 +30,16 @@ def _evaluate_batch(vla, processor: VLAProcessor, batch: dict[str, Any], statist
             processor.inference_prompts(batch["instruction"]), inputs["pixel_values_BCHW"].to(ctx.device)
         )
     sums: dict[str, Any] = {}
-    accumulate(sums, action_metrics(out, processor.action_tokenizer, batch["dataset_name"], statistics))
+    names, texts = batch["dataset_name"], batch["instruction"]
+    accumulate(sums, action_metrics(out, processor.action_tokenizer, names, statistics, texts))
     # greedy decoding yields one action per frame: compared with the frame's own (a chunk's first)
     tokens = generated.cpu().numpy()
-    accumulate(sums, generated_metrics(tokens, current_action(batch), processor.action_tokenizer))
+    accumulate(
+        sums,
+        generated_metrics(
+            tokens, current_action(batch), processor.action_tokenizer, names, statistics, texts
+        ),
+    )
     sums["frames"] = len(batch["instruction"])
     return sums
 
@@ -47,8 +53,9 @@ def validate(
     num_frames: int,
     ctx: DistContext,
 ) -> dict:
-    """Metrics of the first `num_frames` frames of the validation stream `spec` (every dataset of a
-    mixture, interleaved at the mixture's weights), as `val/...`. Call on every rank.
+    """Metrics of the first `num_frames` frames (all of them when negative) of the validation stream
+    `spec` (every dataset of a mixture, interleaved at the mixture's weights), as `val/...`. Call on every
+    rank.
 
     statistics: {dataset_name: statistics} of the run; physical errors use each frame's own.
 
@@ -68,15 +75,17 @@ def validate(
     vla.eval()
     sums: dict[str, Any] = {}
     seen, count, mine, first = 0, 0, 0, None
+    whole = num_frames < 0  # the whole split: the ordered pass ends by itself
     for batch in FrameStream(spec, statistics):
-        batch = _rows(batch, slice(0, min(len(batch["instruction"]), num_frames - seen)))
+        if not whole:
+            batch = _rows(batch, slice(0, min(len(batch["instruction"]), num_frames - seen)))
         first = batch if first is None else first
         if count % ctx.world_size == ctx.rank:
             accumulate(sums, _evaluate_batch(vla, processor, batch, statistics, ctx))
             mine += 1
         count += 1
         seen += len(batch["instruction"])
-        if seen >= num_frames:
+        if not whole and seen >= num_frames:
             break
     for _ in range(math.ceil(count / ctx.world_size) - mine):
         _evaluate_batch(vla, processor, first, statistics, ctx)  # keeps the forwards collective

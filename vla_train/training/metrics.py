@@ -18,6 +18,8 @@ from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vla import VLAOutput
 
 DS_PREFIX = "ds/"
+TASK_PREFIX = "task/"  # sums per instruction (validation)
+MAX_REPORTED_TASKS = 50  # per-instruction metrics are reported when validation saw at most this many
 
 
 def _core_sums(
@@ -49,7 +51,29 @@ def _core_sums(
             phys_p = unnormalize(pred_np.reshape(-1, A), stats, mode)
             phys_t = unnormalize(true_np.reshape(-1, A), stats, mode)
             sums["l1_phys_sum"] = float(np.abs(phys_p - phys_t).sum())
+            correct = (pred[mask] == labels_N[mask]).cpu().numpy().reshape(-1, A)
+            sums.update(_per_dim_sums(correct, np.abs(pred_np - true_np).reshape(-1, A), stats, ""))
     return sums
+
+
+def varying_dims(action_stats: dict) -> np.ndarray:
+    """The action dimensions whose value changes in the dataset (max > min). A constant dimension (the
+    rotation of a robot that never turns) is predicted right from the first steps on and would inflate
+    the accuracy over all dimensions."""
+    return np.asarray(action_stats["max"], np.float64) > np.asarray(action_stats["min"], np.float64)
+
+
+def _per_dim_sums(correct_RA: np.ndarray, l1_RA: np.ndarray, action_stats: dict, prefix: str) -> dict:
+    """Sums per action dimension (`<prefix>dim<d>_...`) and over the dimensions that vary."""
+    out = {}
+    for d in range(correct_RA.shape[1]):
+        out[f"{prefix}dim{d}_n"] = int(correct_RA.shape[0])
+        out[f"{prefix}dim{d}_correct"] = int(correct_RA[:, d].sum())
+        out[f"{prefix}dim{d}_l1_sum"] = float(l1_RA[:, d].sum())
+    varying = varying_dims(action_stats)
+    out[f"{prefix}varying_n"] = int(correct_RA.shape[0] * varying.sum())
+    out[f"{prefix}varying_correct"] = int(correct_RA[:, varying].sum())
+    return out
 
 
 @torch.no_grad()
@@ -58,8 +82,13 @@ def action_metrics(
     action_tokenizer: ActionTokenizer,
     dataset_names: list[str] | None = None,
     statistics: dict | None = None,
+    instructions: list[str] | None = None,
 ) -> dict:
     """Sums of one forward (see the module docstring); `dataset_names[b]` names batch row b's dataset.
+
+    With `instructions` (and dataset_names) the sums are also kept per instruction (`task/<text>/...`).
+    With statistics, accuracy and L1 are also summed per action dimension, and accuracy over the
+    dimensions that vary in their dataset (varying_dims).
 
     With dataset_names the sums are also kept per dataset, and with `statistics` ({dataset: stats +
     normalization}, the run's norm_stats) the physical L1 is added, each frame unnormalized with its own
@@ -77,23 +106,52 @@ def action_metrics(
             sel = torch.as_tensor(names == name, device=logits.device)
             stats = statistics[name] if statistics is not None else None
             part = _core_sums(logits[sel], out.labels_N[sel], token_loss[sel], action_tokenizer, stats)
-            if "l1_phys_sum" in part:
-                sums["l1_phys_sum"] = sums.get("l1_phys_sum", 0.0) + part.pop("l1_phys_sum")
+            for k in [k for k in part if k in _OVER_DATASETS or k.startswith(("dim", "varying_"))]:
+                sums[k] = sums.get(k, 0) + part.pop(k)  # summed over datasets, not kept per dataset
             for k, v in part.items():
                 sums[f"{DS_PREFIX}{name}/{k}"] = v
+        if instructions is not None:
+            texts = (
+                np.asarray(instructions, dtype=object)[rows] if len(rows) else np.asarray([], dtype=object)
+            )
+            for text in sorted(set(texts.tolist())):
+                sel = torch.as_tensor(texts == text, device=logits.device)
+                part = _core_sums(logits[sel], out.labels_N[sel], token_loss[sel], action_tokenizer)
+                for k, v in part.items():
+                    sums[f"{TASK_PREFIX}{text}/{k}"] = v
     return sums
 
 
+_OVER_DATASETS = ("l1_phys_sum",)
+
+
 def generated_metrics(
-    tokens_BA: np.ndarray, actions_BA: np.ndarray, action_tokenizer: ActionTokenizer
+    tokens_BA: np.ndarray,
+    actions_BA: np.ndarray,
+    action_tokenizer: ActionTokenizer,
+    dataset_names: list[str] | None = None,
+    statistics: dict | None = None,
+    instructions: list[str] | None = None,
 ) -> dict:
-    """Sums comparing greedily generated action tokens with the true (normalized) actions' tokens."""
+    """Sums comparing greedily generated action tokens with the true (normalized) actions' tokens; with
+    dataset_names and statistics also per dimension and over the varying ones (`gen_dim<d>_...`,
+    `gen_varying_...`), with instructions also per instruction."""
     true = action_tokenizer.encode(actions_BA)
-    return {
-        "gen_n": int(true.size),
-        "gen_correct": int((tokens_BA == true).sum()),
-        "gen_l1_sum": float(np.abs(action_tokenizer.decode(tokens_BA) - action_tokenizer.decode(true)).sum()),
-    }
+    l1 = np.abs(action_tokenizer.decode(tokens_BA) - action_tokenizer.decode(true))
+    correct = tokens_BA == true
+    sums = {"gen_n": int(true.size), "gen_correct": int(correct.sum()), "gen_l1_sum": float(l1.sum())}
+    if dataset_names is not None and statistics is not None:
+        names = np.asarray(dataset_names, dtype=object)
+        for name in sorted(set(names.tolist())):
+            rows = names == name
+            accumulate(sums, _per_dim_sums(correct[rows], l1[rows], statistics[name]["action"], "gen_"))
+    if instructions is not None:
+        texts = np.asarray(instructions, dtype=object)
+        for text in sorted(set(texts.tolist())):
+            rows = texts == text
+            sums[f"{TASK_PREFIX}{text}/gen_n"] = int(correct[rows].size)
+            sums[f"{TASK_PREFIX}{text}/gen_correct"] = int(correct[rows].sum())
+    return sums
 
 
 def accumulate(total: dict, new: dict) -> dict:
@@ -125,4 +183,24 @@ def finalize(sums: dict, prefix: str) -> dict:
     if len(datasets) > 1:
         for name in datasets:
             out.update(_finalize_core(sums, f"{prefix}/{name}", f"{DS_PREFIX}{name}/"))
+    for g, label in (("", ""), ("gen_", "generated_")):
+        d = 0
+        while f"{g}dim{d}_n" in sums:
+            n_d = max(sums[f"{g}dim{d}_n"], 1)
+            out[f"{prefix}/dim{d}/{label}action_token_accuracy"] = sums[f"{g}dim{d}_correct"] / n_d
+            out[f"{prefix}/dim{d}/{label}action_l1"] = sums[f"{g}dim{d}_l1_sum"] / n_d
+            d += 1
+        if sums.get(f"{g}varying_n"):
+            out[f"{prefix}/{label}action_token_accuracy_varying_dims"] = (
+                sums[f"{g}varying_correct"] / sums[f"{g}varying_n"]
+            )
+    tasks = sorted({k[len(TASK_PREFIX) :].rsplit("/", 1)[0] for k in sums if k.startswith(TASK_PREFIX)})
+    if 1 < len(tasks) <= MAX_REPORTED_TASKS:
+        for text in tasks:
+            key = f"{TASK_PREFIX}{text}/"
+            out.update(_finalize_core(sums, f"{prefix}/task/{text}", key))
+            if sums.get(key + "gen_n"):
+                out[f"{prefix}/task/{text}/generated_action_token_accuracy"] = (
+                    sums[key + "gen_correct"] / sums[key + "gen_n"]
+                )
     return out

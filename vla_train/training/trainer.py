@@ -23,7 +23,7 @@ from typing import Any
 import draccus
 import torch
 
-from vla_train.config import DataConfig, TrainConfig, TrainingConfig
+from vla_train.config import ConfigError, DataConfig, TrainConfig, TrainingConfig
 from vla_train.config_cli import to_yaml
 from vla_train.data.mixture import mixture_statistics, resolve_mixture, run_datasets
 from vla_train.data.pipeline import FIXED_INSTRUCTION
@@ -53,6 +53,8 @@ from vla_train.runs import (
 )
 from vla_train.training.checkpoint import (
     Restored,
+    best_record,
+    keep_best,
     latest_checkpoint,
     remove_uncommitted,
     restore_checkpoint,
@@ -64,6 +66,7 @@ from vla_train.training.distributed import (
     all_gather_objects,
     all_reduce_sum,
     autocast,
+    barrier,
     broadcast_object,
     clip_grad_norm,
     cores_per_rank,
@@ -81,6 +84,7 @@ from vla_train.training.faults import NonFiniteError, PreemptionWatcher, StepWat
 from vla_train.training.logging import MetricsLogger, NullLogger
 from vla_train.training.metrics import accumulate, action_metrics, finalize
 from vla_train.training.optim import optimizer_for, schedule_for
+from vla_train.training.plots import last_validation, write_curves
 from vla_train.training.preflight import check_before_loading
 from vla_train.training.slurm import job_to_requeue, requeue
 
@@ -170,6 +174,9 @@ class Run:
     consecutive_skips: int = 0
     last_saved: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
     checkpoint: Path | None = None
+    start_step: int = 0  # the step this launch started (or resumed) at
+    best: dict[str, Any] | None = None  # training.best_metric's best value so far and its step
+    rollouts: Any = None  # eval.TrainingRollouts on rank 0, made at the first round
 
     def say(self, msg: str) -> None:
         if self.ctx.is_main:
@@ -393,6 +400,7 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
         vla=vla, model=model, processor=processor, params=params, optimizer=optimizer, scheduler=scheduler,
         plan=plan, stream=stream, data_seed=data_seed, logger=logger, watcher=PreemptionWatcher(),
         watchdog=StepWatchdog(t.step_timeout_s, ctx.rank), step=step, last_saved=step if ckpt else None, checkpoint=ckpt,
+        start_step=step, best=broadcast_object(best_record(run_dir) if t.best_metric else None, ctx),
     )  # fmt: skip
     for line in notes:
         run.say(line)
@@ -562,10 +570,62 @@ def _loop(run: Run) -> str:
         if result.stop and run.step < t.max_steps:
             return run.watcher.signal_name or "a signal on another rank"
         if t.val_every and run.step % t.val_every == 0 and run.step < t.max_steps:
-            run.logger.log(run.step, _validate(run))
+            _after_validation(run, _validate(run))
         if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
             _save(run)
+        rollouts_every = run.cfg.eval.rollouts_every
+        if rollouts_every and run.step % rollouts_every == 0 and run.step < t.max_steps:
+            _rollouts(run)
     return ""
+
+
+def _rollouts(run: Run) -> None:
+    """Closed-loop rollouts of the model now (eval.*), on rank 0 with the unwrapped model; the other ranks
+    wait. Logged as rollout/... and written to <run_dir>/rollouts/step_N. Call on every rank."""
+    e = run.cfg.eval
+    run.watchdog.arm(f"the rollouts at step {run.step}")
+    if run.ctx.is_main:
+        from vla_train.eval.closed_loop import TrainingRollouts
+
+        if run.rollouts is None:
+            run.rollouts = TrainingRollouts(e, run.cfg.data.data_root_dir)
+        with run.stream.paused():  # the data pipeline's threads would starve the policy's (see stream.py)
+            metrics = run.rollouts.evaluate(
+                run.vla, run.processor, run.run_dir / "rollouts" / f"step_{run.step:08d}"
+            )
+        run.logger.log(run.step, metrics)
+        run.say(
+            f"step {run.step}: closed-loop success {metrics['rollout/success_rate']:.0%} over "
+            f"{metrics['rollout/num_trials']} trials ({metrics['rollout/seconds']:.0f} s)"
+        )
+        write_curves(run.run_dir)
+    long_barrier(run.ctx, run.cfg.training.step_timeout_s or 86400)
+
+
+def _after_validation(run: Run, val: dict) -> None:
+    """Log a validation result, keep the best checkpoint (training.best_metric), redraw the curves. Call on
+    every rank."""
+    if not val:
+        return
+    run.logger.log(run.step, val)
+    t = run.cfg.training
+    if t.best_metric:
+        if t.best_metric not in val:
+            options = ", ".join(sorted(k for k in val if "/task/" not in k and "/dim" not in k))
+            raise ConfigError(f"training.best_metric: validation has no '{t.best_metric}'; it has {options}")
+        value, best = float(val[t.best_metric]), run.best
+        better = best is None or (value > best["value"] if t.best_mode == "max" else value < best["value"])
+        if better and math.isfinite(value):
+            ckpt = _save(run) if run.last_saved != run.step else run.checkpoint
+            run.best = {"metric": t.best_metric, "mode": t.best_mode, "value": value, "step": run.step}
+            if run.ctx.is_main:
+                keep_best(run.run_dir, ckpt, run.best)
+                print(
+                    f"best {t.best_metric} so far: {value:.4f} at step {run.step} (kept in {run.run_dir / 'best'})"
+                )
+            barrier(run.ctx)
+    if run.ctx.is_main:
+        write_curves(run.run_dir)
 
 
 def _finish(run: Run, preempted: str) -> dict[str, Any]:
@@ -580,12 +640,18 @@ def _finish(run: Run, preempted: str) -> dict[str, Any]:
             "checkpoint": str(ckpt),
             "preempted": preempted,
         }
+    if run.step == run.start_step and run.last_saved == run.step:
+        # a finished run launched again: nothing trained, so nothing new to validate or log
+        val = last_validation(run.run_dir) if run.ctx.is_main else {}
+        run.say(f"the run is already at step {run.step} (training.max_steps): nothing to train")
+        return {"step": run.step, "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), **val}
     val = _validate(run)
-    if val:
-        run.logger.log(run.step, val)
-        if math.isnan(val["val/loss"]):
-            raise RuntimeError("validation loss is NaN: the run diverged")
+    if val and math.isnan(val["val/loss"]):
+        raise RuntimeError("validation loss is NaN: the run diverged")
     ckpt = _save(run) if run.last_saved != run.step else run.checkpoint
+    if run.cfg.eval.rollouts_every:
+        _rollouts(run)
+    _after_validation(run, val)
     if val:
         run.say(
             f"done: step {run.step}, val/action_token_accuracy {val['val/action_token_accuracy']:.3f}, "
@@ -628,6 +694,8 @@ def train(cfg: TrainConfig, return_model: bool = False) -> dict[str, Any]:
         try:
             result = _finish(run, _loop(run))
         finally:
+            if run.rollouts is not None:
+                run.rollouts.close()
             run.watchdog.close()
             run.logger.close()
         if not result.get("preempted"):  # a stopping rank (preempted, or raising) absorbs further signals
