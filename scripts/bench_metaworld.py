@@ -6,8 +6,9 @@ accuracy and success per task; `--markdown` adds the rows to BENCHMARKS.md.
     .venv/bin/python scripts/bench_metaworld.py --markdown BENCHMARKS.md
 
 Each training length is a kept checkpoint (training.checkpoint_every), exported with vla-export and
-evaluated with vla-eval; the final model is also evaluated from <run_dir>/best when it differs. A stage
-whose output exists is reused (the data always; the run with --reuse-run), and says so.
+evaluated with vla-eval; with --eval-best also <run_dir>/best when it is not the last. The data is reused
+when it exists; with --reuse-run the run too (the training time is then its span: from its base model's
+creation to its last metrics line, imports excluded).
 """
 
 from __future__ import annotations
@@ -67,7 +68,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20, help="trials per task (final model)")
     ap.add_argument("--early-trials", type=int, default=5, help="trials per task at the shorter lengths")
     ap.add_argument("--lengths", default="1000,2000", help="earlier checkpoints (steps) to evaluate too")
-    ap.add_argument("--reuse-run", action="store_true", help="keep an existing finished run")
+    ap.add_argument(
+        "--reuse-run", action="store_true", help="keep an existing run (resumed, or reused if finished)"
+    )
+    ap.add_argument(
+        "--eval-best", action="store_true", help="also evaluate <run_dir>/best when it is not the last"
+    )
     args = ap.parse_args()
     bin_dir = Path(sys.executable).parent
 
@@ -78,6 +84,8 @@ def main() -> None:
         shutil.rmtree(RUN_DIR, ignore_errors=True)
     train_s = run([str(bin_dir / "vla-train"), "--config_path", CONFIG, "--logging.progress_bar", "false"])
     metrics = [json.loads(line) for line in (RUN_DIR / "metrics.jsonl").read_text().splitlines()]
+    if args.reuse_run:  # the run may have trained in an earlier launch: from its base model to its last line
+        train_s = metrics[-1]["time"] - (RUN_DIR / "base_model" / "config.json").stat().st_mtime
     vals = [m for m in metrics if "val/loss" in m]
     final_val = vals[-1]
     train_lines = [m for m in metrics if "train/samples_per_s" in m]
@@ -96,7 +104,7 @@ def main() -> None:
     last = max(ckpts)
     evals.append(evaluate(bin_dir, ckpts[last], f"step_{last}", args.trials))
     best = json.loads((RUN_DIR / "best" / "best.json").read_text()) if (RUN_DIR / "best").is_dir() else None
-    if best and best["step"] != last:
+    if args.eval_best and best and best["step"] != last:
         evals.append(evaluate(bin_dir, RUN_DIR / "best", f"best_step_{best['step']}", args.trials))
 
     result = {
@@ -107,6 +115,7 @@ def main() -> None:
             "generation_s": generation["record_seconds"] + generation["build_seconds"],
         },
         "train_s": round(train_s, 1),
+        "run_reused": args.reuse_run,
         "steps": final_val["step"],
         "train_samples_per_s": round(
             sum(m["train/samples_per_s"] for m in train_lines) / len(train_lines), 1

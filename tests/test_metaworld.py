@@ -88,6 +88,10 @@ def test_bad_generation_and_eval_configs_name_the_field(tmp_path):
         parse_config(EvalConfig, ["--policy", str(tmp_path), "--trials", "0", "--seed_split", "test"])
     msg = str(e.value)
     assert "policy: " in msg and "trials: must be >= 1" in msg and "seed_split: unknown 'test'" in msg
+    with pytest.raises(ConfigError, match="seed_split: a replay policy plays recorded episodes"):
+        parse_config(EvalConfig, ["--policy", f"replay:{tmp_path}"])
+    with pytest.raises(ConfigError, match="trials: first_seed \\+ trials must be <= 1000"):
+        parse_config(EvalConfig, ["--policy", "expert", "--first_seed", "990", "--trials", "20"])
     assert RolloutConfig(tasks="mt10").validate() == []
     proc = run_cli("data_main", "metaworld", "--tasks", "mt11", "--out", str(tmp_path))
     assert proc.returncode == 2 and "tasks: unknown Meta-World task 'mt11'" in proc.stderr
@@ -160,7 +164,8 @@ def test_generated_dataset_reads_back_through_the_pipeline(mw_data, tmp_path):
         np.testing.assert_array_equal(e["action"][:, 3:6], 0)
         assert set(np.unique(e["action"][:, 6])) <= {0.0, 1.0}
         assert e["image"].shape[1:] == (64, 64, 3) and e["image"].std() > 10
-    assert len(np.unique(train[0]["action"][:, 6])) >= 1
+    pick = next(e for e in train if e["task"] == "pick-place-v3")
+    assert set(np.unique(pick["action"][:, 6])) == {0.0, 1.0}  # the gripper closes on the puck
 
     cfg = parse_config(
         TrainConfig,

@@ -684,6 +684,9 @@ class LoggingConfig:
         return errs
 
 
+SEEDS_PER_SPLIT = 1000  # Meta-World reset seeds per task in each of train / val / eval (sim/metaworld_env.py)
+
+
 def _tasks_problem(tasks: str, path: str) -> list[str]:
     from vla_train.sim.metaworld_env import resolve_tasks  # numpy only: no simulator import
 
@@ -714,6 +717,10 @@ class RolloutConfig:
 
     def validate(self, prefix: str = "") -> list[str]:
         errs = _at_least(self, prefix, 1, "trials", "max_steps")
+        if self.trials > SEEDS_PER_SPLIT:
+            errs.append(
+                _problem(_field(prefix, "trials"), f"must be <= {SEEDS_PER_SPLIT} (seeds per task and split)")
+            )
         errs += _at_least(self, prefix, 0, "image_size", "num_workers", "video_trials")
         errs += _at_least(self, prefix, -1, "msaa_samples", note="-1 = as the training data")
         if 0 < self.image_size < 16:
@@ -735,7 +742,22 @@ class TrainRolloutConfig(RolloutConfig):
     max_steps: int = 150
 
     def validate(self, prefix: str = "eval") -> list[str]:
-        return super().validate(prefix) + _at_least(self, prefix, 0, "rollouts_every", note="0 = off")
+        errs = super().validate(prefix) + _at_least(self, prefix, 0, "rollouts_every", note="0 = off")
+        return errs + _simulator_problems(_field(prefix, "rollouts_every"))
+
+
+def _simulator_problems(path: str) -> list[str]:
+    """What is missing for rendering Meta-World here (looked up, not imported)."""
+    import ctypes.util
+    import importlib.util
+
+    errs = []
+    if importlib.util.find_spec("metaworld") is None:
+        errs.append(_problem(path, "needs the simulator: pip install -e '.[sim]' (make install-sim)"))
+    gl = os.environ.get("MUJOCO_GL", "osmesa")
+    if gl == "osmesa" and ctypes.util.find_library("OSMesa") is None:
+        errs.append(_problem(path, "needs OSMesa for headless rendering: apt-get install libosmesa6"))
+    return errs
 
 
 @dataclass
@@ -856,7 +878,10 @@ class MetaWorldDataConfig:
             self.episodes_per_task, self.val_episodes_per_task
         ):
             errs.append(_problem("max_seeds_per_task", "must be at least the episodes asked for per task"))
-        errs += _tasks_problem(self.tasks, "tasks")
+        for name in ("episodes_per_task", "val_episodes_per_task", "max_seeds_per_task"):
+            if getattr(self, name) > SEEDS_PER_SPLIT:
+                errs.append(_problem(name, f"must be <= {SEEDS_PER_SPLIT} (seeds per task and split)"))
+        errs += _tasks_problem(self.tasks, "tasks") + _simulator_problems("tasks")
         why = writable_dir_problem(self.out)
         if why:
             errs.append(_problem("out", why))
@@ -904,7 +929,17 @@ class EvalConfig(RolloutConfig):
         errs += _one_of(self, "", "seed_split", ("eval", "val", "train", "dataset"))
         if self.seed_split == "dataset" and not self.policy.startswith("replay:"):
             errs.append(_problem("seed_split", "'dataset' needs a replay:<data_root_dir> policy"))
-        errs += _at_least(self, "", 0, "first_seed")
+        if self.policy.startswith("replay:") and self.seed_split != "dataset":
+            errs.append(
+                _problem("seed_split", "a replay policy plays recorded episodes: use --seed_split dataset")
+            )
+        errs += _at_least(self, "", 0, "first_seed") + _simulator_problems("policy")
+        if self.first_seed + self.trials > SEEDS_PER_SPLIT:
+            errs.append(
+                _problem(
+                    "trials", f"first_seed + trials must be <= {SEEDS_PER_SPLIT} (seeds per task and split)"
+                )
+            )
         errs += _one_of(self, "", "device", ("cpu", "cuda"))
         if errs:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

@@ -12,7 +12,6 @@ of the dataset it came from.
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import queue
 import threading

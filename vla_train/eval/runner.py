@@ -120,10 +120,14 @@ class SimWorkers:
                 c.send(("close",))
             except (BrokenPipeError, OSError):
                 pass
+        deadline = (
+            time.monotonic() + 20
+        )  # one deadline for all: a worker blocked on an unread reply is killed
         for p in self.procs:
-            p.join(timeout=30)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
 
     def __enter__(self) -> SimWorkers:
         return self

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -195,18 +196,18 @@ def record_episodes(cfg: MetaWorldDataConfig, tasks: list[str]) -> dict:
                     jobs += [(vars(cfg), task, split, k) for k in candidates]
             if not jobs:
                 break
-            if pool is None:
+            if pool is None:  # a worker that dies makes the pool raise BrokenProcessPool (no hang)
                 with spawn_without_main():
-                    pool = ctx.Pool(min(num_workers, len(jobs)), initializer=_worker_init)
+                    pool = ProcessPoolExecutor(min(num_workers, len(jobs)), ctx, initializer=_worker_init)
             bar = tqdm(total=len(jobs), desc="expert episodes", unit="ep", disable=not cfg.progress_bar)
-            for task, split, k, ok, steps in pool.imap_unordered(_record, jobs):
+            for future in as_completed([pool.submit(_record, job) for job in jobs]):
+                task, split, k, ok, steps = future.result()
                 bar.update(1)
                 bar.set_postfix_str(f"{task} {split} {k}: {'ok' if ok else 'failed'} ({steps} steps)")
             bar.close()
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        if pool is not None:  # on an error: the queued episodes are dropped, not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
     summary = {}
     for task in tasks:
         for split, need in counts.items():

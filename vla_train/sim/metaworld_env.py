@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vla_train.config import SEEDS_PER_SPLIT
+
 MT10 = (
     "reach-v3",
     "push-v3",
@@ -47,7 +49,7 @@ INSTRUCTIONS = {
 }
 TASK_SETS = {"mt10": MT10}
 SEED_BASE = {"train": 0, "val": 100_000, "eval": 200_000}
-SEEDS_PER_TASK = 1000  # seeds of task i in a split: base + 1000 i + k, k < 1000
+SEEDS_PER_TASK = SEEDS_PER_SPLIT  # seeds of task i in a split: base + 1000 i + k, k < 1000
 CAMERAS = {"primary": "corner4", "wrist": "gripperPOV"}
 ROTATED_CAMERAS = ("corner", "corner2", "corner3", "corner4")  # mounted upside down
 

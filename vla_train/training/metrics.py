@@ -60,7 +60,9 @@ def varying_dims(action_stats: dict) -> np.ndarray:
     """The action dimensions whose value changes in the dataset (max > min). A constant dimension (the
     rotation of a robot that never turns) is predicted right from the first steps on and would inflate
     the accuracy over all dimensions."""
-    return np.asarray(action_stats["max"], np.float64) > np.asarray(action_stats["min"], np.float64)
+    high = action_stats["max"] if "max" in action_stats else action_stats["q99"]
+    low = action_stats["min"] if "min" in action_stats else action_stats["q01"]
+    return np.asarray(high, np.float64) > np.asarray(low, np.float64)
 
 
 def _per_dim_sums(correct_RA: np.ndarray, l1_RA: np.ndarray, action_stats: dict, prefix: str) -> dict:

@@ -400,7 +400,7 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
         vla=vla, model=model, processor=processor, params=params, optimizer=optimizer, scheduler=scheduler,
         plan=plan, stream=stream, data_seed=data_seed, logger=logger, watcher=PreemptionWatcher(),
         watchdog=StepWatchdog(t.step_timeout_s, ctx.rank), step=step, last_saved=step if ckpt else None, checkpoint=ckpt,
-        start_step=step, best=broadcast_object(best_record(run_dir) if t.best_metric else None, ctx),
+        start_step=step, best=broadcast_object(_best_so_far(run_dir, t) if ctx.is_main else None, ctx),
     )  # fmt: skip
     for line in notes:
         run.say(line)
@@ -571,7 +571,8 @@ def _loop(run: Run) -> str:
             return run.watcher.signal_name or "a signal on another rank"
         if t.val_every and run.step % t.val_every == 0 and run.step < t.max_steps:
             _after_validation(run, _validate(run))
-        if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
+        due = t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps
+        if due and run.last_saved != run.step:  # not when the best checkpoint just saved this step
             _save(run)
         rollouts_every = run.cfg.eval.rollouts_every
         if rollouts_every and run.step % rollouts_every == 0 and run.step < t.max_steps:
@@ -600,6 +601,15 @@ def _rollouts(run: Run) -> None:
         )
         write_curves(run.run_dir)
     long_barrier(run.ctx, run.cfg.training.step_timeout_s or 86400)
+
+
+def _best_so_far(run_dir: Path, t: TrainingConfig) -> dict[str, Any] | None:
+    """The kept best of a resumed run, if it was kept for this run's best_metric and best_mode."""
+    record = best_record(run_dir) if t.best_metric else None
+    if record and (record.get("metric"), record.get("mode")) != (t.best_metric, t.best_mode):
+        print(f"training.best_metric/best_mode changed: the kept best ({record['metric']}) will be replaced")
+        return None
+    return record
 
 
 def _after_validation(run: Run, val: dict) -> None:
@@ -646,12 +656,12 @@ def _finish(run: Run, preempted: str) -> dict[str, Any]:
         run.say(f"the run is already at step {run.step} (training.max_steps): nothing to train")
         return {"step": run.step, "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), **val}
     val = _validate(run)
+    if run.cfg.eval.rollouts_every:
+        _rollouts(run)
+    _after_validation(run, val)  # logged (and the best kept) before the last checkpoint marks the run done
     if val and math.isnan(val["val/loss"]):
         raise RuntimeError("validation loss is NaN: the run diverged")
     ckpt = _save(run) if run.last_saved != run.step else run.checkpoint
-    if run.cfg.eval.rollouts_every:
-        _rollouts(run)
-    _after_validation(run, val)
     if val:
         run.say(
             f"done: step {run.step}, val/action_token_accuracy {val['val/action_token_accuracy']:.3f}, "
