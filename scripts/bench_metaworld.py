@@ -107,6 +107,14 @@ def main() -> None:
     if args.eval_best and best and best["step"] != last:
         evals.append(evaluate(bin_dir, RUN_DIR / "best", f"best_step_{best['step']}", args.trials))
 
+    val_at = {m["step"]: m for m in vals}
+    for e in evals:  # each row's validation is its own checkpoint's (the final one when not logged)
+        v = val_at.get(e["step"], final_val)
+        e["val"] = [
+            round(v["val/action_token_accuracy"], 4),
+            round(v["val/action_token_accuracy_varying_dims"], 4),
+            round(v[key], 4),
+        ]
     result = {
         "data": {
             "episodes": generation["num_episodes"],
@@ -140,8 +148,7 @@ def main() -> None:
             f"| {time.strftime('%Y-%m-%d')} | {machine} | {sum(d['episodes'].values())} episodes, "
             f"{sum(d['frames'].values())} frames, {d['dataset_mb']} MB, {d['generation_s']:.0f} s | "
             f"{result['steps']} steps, {result['train_s']:.0f} s, {result['train_samples_per_s']} samples/s | "
-            f"{e['name']} | {result['val_action_token_accuracy']} / {result['val_action_token_accuracy_varying_dims']} "
-            f"/ {result['val_generated_acc_varying_dims']} | {tasks} | **{100 * e['success_rate']:.1f}%** "
+            f"{e['name']} | {e['val'][0]} / {e['val'][1]} / {e['val'][2]} | {tasks} | **{100 * e['success_rate']:.1f}%** "
             f"({100 * low:.0f}-{100 * high:.0f}) x {sum(1 for _ in e['per_task'])} tasks |"
         )
     report(result, args.json, None, "", "")

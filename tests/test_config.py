@@ -42,7 +42,7 @@ def test_recipes_name_their_model_preset_instead_of_copying_it():
     is what they get."""
     from vla_train.config_cli import model_presets
 
-    assert model_presets() == ["minivla", "openvla_7b", "tiny"]
+    assert model_presets() == ["minivla", "openvla_7b", "small", "tiny"]
     recipes = [p for p in PRESETS if not p.startswith("model_")]
     for recipe in recipes:
         assert "llm_hidden_size" not in (REPO / "configs" / recipe).read_text(), recipe
@@ -82,7 +82,7 @@ def test_a_model_preset_composes_with_a_recipe_and_the_command_line(tmp_path):
         parse_config(TrainConfig, ["--config_path", str(tmp_path / "dumped.yaml")], validate=False) == one_key
     )
     with pytest.raises(
-        ConfigError, match=r"model.preset: unknown preset 'huge'; use one of minivla, openvla_7b, tiny"
+        ConfigError, match=r"model.preset: unknown preset 'huge'; use one of minivla, openvla_7b, small, tiny"
     ):
         parse_config(TrainConfig, [*lora, "--model.preset", "huge"], validate=False)
 
