@@ -19,7 +19,8 @@ from vla_train.sim.metaworld_env import RenderSettings, resolve_tasks, seed_for
 def policy_threads(num_workers: int):
     """torch's threads while simulator workers render: the cores the workers leave (at least one). With
     every core rendering, a second torch thread only waits for its turn at each op's barrier: on 2 cores
-    the policy took 88-108 ms per call with 2 threads and 66 ms with 1 (BENCHMARKS.md)."""
+    the policy took 84.3 ms per call with 2 threads and 60.6 ms with 1 (scripts/bench_rollout_threads.py,
+    BENCHMARKS.md)."""
     import torch
 
     before = torch.get_num_threads()

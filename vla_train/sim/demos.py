@@ -352,8 +352,9 @@ def build_metaworld_dataset(cfg: MetaWorldDataConfig) -> dict:
     }
     out = dataset_dir(cfg.out)
     gen_file = out / GENERATION_FILE
-    if gen_file.is_file() and json.loads(gen_file.read_text()).get("identity") == identity:
-        return json.loads(gen_file.read_text())
+    previous = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    if previous.get("identity") == identity:
+        return previous
     if out.exists():
         shutil.rmtree(out)  # built from other episodes or settings: rebuild (the episodes are kept)
     from vla_train.data.tf_setup import tfds
