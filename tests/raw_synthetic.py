@@ -547,6 +547,13 @@ RAW_LAYOUTS: dict[str, RawLayout] = {
     "vla_synthetic": RawLayout(
         {"image": _img(32, 32), "state": _floats(8)}, _eef_action("binary"), STEP_TEXT
     ),
+    # vla-data metaworld (vla_train/sim/demos.py): corner4 frames, xyz + gripper opening, Meta-World's 39-D
+    # observation; actions already in the OpenVLA layout (gripper 1 = open) beside the raw 4-D command.
+    "metaworld": RawLayout(
+        {"image": _img(128, 128), "state": _vec(("float", 3), ("grip01", 1)), "env_state": _floats(39)},
+        _eef_action("binary"),
+        {**STEP_TEXT, "raw_action": _vec(("float", 3), ("pm1", 1))},
+    ),
 }
 
 
