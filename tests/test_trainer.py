@@ -397,6 +397,37 @@ def test_validation_sees_images_as_the_exported_policy_does(small_synthetic, tmp
     assert uncropped["val/loss"] != logged["val/loss"]
 
 
+def test_bf16_export_halves_the_weights_and_reports_its_agreement(small_synthetic, tmp_path):
+    """vla-export --dtype bf16: bf16 weights (about half the fp32 file), the reloaded directory predicts
+    what the cast model predicted, and the agreement with the fp32 tokens is reported."""
+    from safetensors import safe_open
+
+    from vla_train.models.policy import VLAPolicy
+
+    root, _ = small_synthetic
+    run_in_process(tiny_args(root, tmp_path, "run", "--lora.enabled", "false", "--training.max_steps", "2"))
+    outs = {}
+    for dtype in ("fp32", "bf16"):
+        proc = run_cli(
+            "export_main",
+            *("--run_dir", str(tmp_path / "run"), "--dtype", dtype, "--output_dir", str(tmp_path / dtype)),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[dtype] = tmp_path / dtype
+    report = json.loads((outs["bf16"] / "export_report.json").read_text())
+    assert report["dtype"] == "bf16" and report["reloaded_equals_merged"]
+    assert 0.0 <= report["bf16_token_agreement"] <= 1.0 and "bf16 weights:" in proc.stdout
+    with safe_open(str(outs["bf16"] / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    sizes = {d: (o / "model.safetensors").stat().st_size for d, o in outs.items()}
+    assert 0.45 < sizes["bf16"] / sizes["fp32"] < 0.55, sizes
+    policy = VLAPolicy.from_dir(outs["bf16"])
+    images = np.zeros((2, TINY.image_size, TINY.image_size, 3), np.uint8)
+    actions = policy.predict_action_batch(images, ["pick up the block", "open the drawer"])
+    assert actions.shape == (2, 7) and np.isfinite(actions).all()
+
+
 def test_threads_per_rank_come_from_the_cores_available_to_it(monkeypatch):
     """A rank bound to some cores uses its mask; otherwise the node's cores split among its ranks."""
     import os

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vla_train.config import ConfigError, EvalConfig, ExportConfig, StatsConfig, TrainConfig
+from vla_train.config import ConfigError, EvalConfig, ExportConfig, ServeConfig, StatsConfig, TrainConfig
 from vla_train.config_cli import parse_config
 from vla_train.training.faults import EXIT_CONFIG  # standard library only: nothing heavy before validation
 
@@ -73,7 +73,7 @@ def _exit_now(code: int) -> None:
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    """vla-export --run_dir runs/demo [--output_dir DIR] [--predict_samples 3]"""
+    """vla-export --run_dir runs/demo [--output_dir DIR] [--predict_samples 3] [--dtype fp32|bf16]"""
     try:
         cfg = parse_config(ExportConfig, argv)
     except ConfigError as e:
@@ -207,6 +207,43 @@ def eval_main(argv: list[str] | None = None) -> None:
     )
     print((out / "results.md").read_text(), end="")
     print(json.dumps({"out": str(out), "success_rate": summary["success_rate"]}))
+
+
+def _safety_switch(argv: list[str]) -> list[str]:
+    """--safety off|on -> --safety.enabled false|true (the other safety fields keep --safety.<name>)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        value = a.partition("=")[2] if a.startswith("--safety=") else None
+        if a == "--safety" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 1
+        if value is None:
+            out.append(a)
+        elif value in ("on", "off"):
+            out.append(f"--safety.enabled={'true' if value == 'on' else 'false'}")
+        else:
+            _fail(ValueError(f"--safety: use on or off, got '{value}'"))
+        i += 1
+    return out
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """vla-serve --policy DIR [--host 127.0.0.1] [--port 8000] [--quantization int8|nf4] [--safety off]
+
+    Serves an exported model directory (vla_train/serving/server.py): OpenVLA's POST /act, the msgpack
+    POST /v1/act of vla_train.serving.PolicyClient, GET /health and /info, POST /estop and /estop/reset.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(ServeConfig, _safety_switch(_underscored(argv)))
+    except ConfigError as e:
+        _fail(e)
+    from vla_train.serving.server import serve
+
+    try:
+        serve(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

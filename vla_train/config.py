@@ -796,6 +796,9 @@ class ExportConfig:
     checkpoint: str = ""
     # After exporting, reload the directory and predict this many held-out validation frames.
     predict_samples: int = 0
+    # Weights dtype of the written directory: fp32, or bf16 (half the size; the tokens are checked again
+    # after the cast and any frame whose tokens change is reported).
+    dtype: str = "fp32"
 
     def validate(self) -> None:
         errs = []
@@ -806,6 +809,7 @@ class ExportConfig:
                 _problem("run_dir", f"'{self.run_dir}' is not a vla-train run directory (no config.yaml)")
             )
         errs += _at_least(self, "", 0, "predict_samples")
+        errs += _one_of(self, "", "dtype", ("fp32", "bf16"))
         if (
             self.checkpoint == "best"
             and self.run_dir
@@ -943,3 +947,104 @@ class EvalConfig(RolloutConfig):
         errs += _one_of(self, "", "device", ("cpu", "cuda"))
         if errs:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+
+
+@dataclass
+class SafetyConfig:
+    # Apply the bounds, translation/rotation and workspace rules (vla-serve --safety off sets False; the
+    # e-stop and the reported gripper command work either way).
+    enabled: bool = True
+    # Which dataset bounds clamp each normalized action dimension: min_max or q01_q99.
+    bounds: str = "min_max"
+    # Widen the bounds by this fraction of their range on each side.
+    margin: float = 0.05
+    # Largest L2 norm of the xyz translation of one action (7-D layout); 0 = from the dataset's bounds.
+    max_translation: float = 0.0
+    # Largest L2 norm of the rotation of one action (7-D layout); 0 = from the dataset's bounds.
+    max_rotation: float = 0.0
+    # Workspace box [x, y, z] for requests that carry eef_position; empty = no box.
+    workspace_min: list[float] = field(default_factory=list)
+    workspace_max: list[float] = field(default_factory=list)
+    # Position change per unit of translation action (1.0 when actions are position deltas in the same
+    # unit as eef_position).
+    workspace_action_scale: float = 1.0
+    # Gripper hysteresis on the decoded value: open above, closed below, unchanged in between.
+    gripper_open_above: float = 0.6
+    gripper_close_below: float = 0.4
+
+    def validate(self, prefix: str = "safety") -> list[str]:
+        errs = _one_of(self, prefix, "bounds", ("min_max", "q01_q99"))
+        for name in ("margin", "max_translation", "max_rotation"):
+            if not getattr(self, name) >= 0:
+                errs.append(_problem(_field(prefix, name), f"must be >= 0, got {getattr(self, name)}"))
+        if not self.workspace_action_scale > 0:
+            errs.append(_problem(_field(prefix, "workspace_action_scale"), "must be > 0"))
+        box = (self.workspace_min, self.workspace_max)
+        if any(box) and not (len(box[0]) == len(box[1]) == 3 and all(a < b for a, b in zip(*box))):
+            errs.append(
+                _problem(
+                    _field(prefix, "workspace_min"),
+                    f"workspace_min and workspace_max must be 3 values each with min < max, got {box[0]} and {box[1]}",
+                )
+            )
+        if not self.gripper_close_below <= self.gripper_open_above:
+            errs.append(
+                _problem(
+                    _field(prefix, "gripper_close_below"),
+                    f"must be <= gripper_open_above ({self.gripper_open_above}), got {self.gripper_close_below}",
+                )
+            )
+        return errs
+
+
+@dataclass
+class ServeConfig:
+    # Exported model directory to serve (vla-export output, or an OpenVLA-format checkpoint).
+    policy: str = ""
+    # Interface to bind; 127.0.0.1 keeps the server local. 0.0.0.0 exposes it to the network.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Where the model runs: cpu or cuda.
+    device: str = "cpu"
+    # Load the weights quantized with bitsandbytes: none, int8 or nf4 (bf16 compute on GPU, fp32 on CPU).
+    quantization: str = "none"
+    # Dynamic batching: at most this many requests per forward pass ...
+    max_batch: int = 8
+    # ... waiting at most this long for more after the first.
+    max_wait_ms: float = 5.0
+    # Requests waiting beyond this many are refused with 503 and Retry-After.
+    queue_size: int = 64
+    # A request not answered within this many seconds gets 504.
+    request_timeout_s: float = 30.0
+    # Largest request body accepted (MiB); larger ones get 413.
+    max_body_mb: float = 16.0
+    # File holding the bearer token clients must send (Authorization: Bearer ...); empty = no token.
+    token_file: str = ""
+    # Dataset whose statistics unnormalize actions when a request names none (empty: the model's only one).
+    unnorm_key: str = ""
+    # The safety layer (vla_train/serving/safety.py).
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+    def validate(self) -> None:
+        errs = []
+        if not self.policy:
+            errs.append(_problem("policy", "is required: an exported model directory (vla-export)"))
+        elif not (Path(self.policy) / "config.json").is_file():
+            errs.append(_problem("policy", f"'{self.policy}' is not a model directory (no config.json)"))
+        errs += _one_of(self, "", "device", ("cpu", "cuda"))
+        errs += _one_of(self, "", "quantization", ("none", "int8", "nf4"))
+        errs += _at_least(self, "", 1, "max_batch", "queue_size")
+        if not 0 < self.port < 65536:
+            errs.append(_problem("port", f"must be in 1..65535, got {self.port}"))
+        if not self.max_wait_ms >= 0:
+            errs.append(_problem("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}"))
+        for name in ("request_timeout_s", "max_body_mb"):
+            if not getattr(self, name) > 0:
+                errs.append(_problem(name, f"must be > 0, got {getattr(self, name)}"))
+        if self.token_file and not Path(self.token_file).is_file():
+            errs.append(_problem("token_file", f"'{self.token_file}' does not exist"))
+        elif self.token_file and not Path(self.token_file).read_text().strip():
+            errs.append(_problem("token_file", f"'{self.token_file}' is empty; put the token in it"))
+        errs += self.safety.validate()
+        if errs:
+            raise ConfigError("invalid serve config:\n  " + "\n  ".join(errs))

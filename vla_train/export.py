@@ -1,5 +1,5 @@
 """vla-export: merge a run's LoRA adapters into its base model in one CPU process and write a
-self-contained model directory (weights, config with the norm_stats of the fine-tuning dataset, or of
+self-contained model directory in fp32 or bf16 (`--dtype`) (weights, config with the norm_stats of the fine-tuning dataset, or of
 each dataset of a mixture, tokenizer, processor settings, dataset_statistics.json).
 
 Checks made on every export, on sample frames: the merged model predicts the same action tokens as the
@@ -120,6 +120,17 @@ def export_run(cfg: ExportConfig) -> Path:
                 f"merged model predicts different action tokens than base + adapters on "
                 f"{int((unmerged != merged).any(-1).sum())} of {len(merged)} sample frames; export aborted"
             )
+        fp32_tokens, cast = merged, {}
+        if (
+            cfg.dtype == "bf16"
+        ):  # the written weights are bf16: what is checked from here on is the cast model
+            for p in model.parameters():  # not .to(): rotary frequencies stay fp32, as a reload rebuilds them
+                p.data = p.data.to(torch.bfloat16)
+            merged = VLAPolicy(model, processor).predict_tokens(frames["image"], frames["instruction"])
+            cast = {
+                "bf16_token_agreement": float((merged == fp32_tokens).float().mean()),
+                "bf16_frames_changed": int((merged != fp32_tokens).any(-1).sum()),
+            }
         save_model_dir(out_dir, model, processor, norm_stats)
         policy = VLAPolicy.from_dir(out_dir)
         reloaded = policy.predict_tokens(frames["image"], frames["instruction"])
@@ -131,11 +142,18 @@ def export_run(cfg: ExportConfig) -> Path:
         "merged_equals_unmerged": unmerged is not None,
         "reloaded_equals_merged": True,
         "num_check_frames": len(merged),
+        "dtype": cfg.dtype,
+        **cast,
     }
     (out_dir / "export_report.json").write_text(json.dumps(report, indent=2))
     print(
         f"exported {ckpt.name} of {run_dir} to {out_dir} (merged == unmerged == reloaded on {len(merged)} frames)"
     )
+    if cast:
+        print(
+            f"bf16 weights: {cast['bf16_token_agreement']:.1%} of the fp32 model's action tokens on the check "
+            f"frames ({cast['bf16_frames_changed']} of {len(merged)} frames differ somewhere)"
+        )
 
     if cfg.predict_samples:
         np.set_printoptions(precision=3, suppress=True, floatmode="fixed")

@@ -19,10 +19,24 @@ class VLAPolicy:
         self.processor = processor
 
     @classmethod
-    def from_dir(cls, directory: str | Path, device: str = "cpu") -> VLAPolicy:
+    def from_dir(cls, directory: str | Path, device: str = "cpu", quantization: str = "none") -> VLAPolicy:
+        """quantization int8 | nf4: the linear layers (all but the LM head and the projector, as QLoRA
+        trains them) become bitsandbytes layers, computing in bf16 on CUDA and fp32 on CPU."""
         from vla_train.models.load import load_model_dir
 
-        return cls(*load_model_dir(directory, device))
+        model, processor = load_model_dir(directory, "cpu" if quantization != "none" else device)
+        if quantization != "none":
+            from vla_train.config import LoraConfig
+            from vla_train.models.peft import quantize_linear_layers
+
+            target = torch.device(device)
+            quantize_linear_layers(model, LoraConfig(quantization=quantization), target)
+            model.to(target)
+        return cls(model, processor)
+
+    def action_stats(self, unnorm_key: str | None = None) -> dict:
+        """The action statistics (min, max, q01, q99, mask) that unnormalize actions for unnorm_key."""
+        return self._stats_for(unnorm_key)["action"]
 
     def _stats_for(self, unnorm_key: str | None) -> dict:
         stats = self.model.config.norm_stats
@@ -37,19 +51,28 @@ class VLAPolicy:
         return stats[unnorm_key]
 
     @torch.no_grad()
-    def predict_tokens(self, images_BHWC, instructions: list[str]) -> torch.Tensor:
+    def predict_tokens(
+        self, images_BHWC, instructions: list[str], preprocessed: bool = False
+    ) -> torch.Tensor:
+        """preprocessed: the frames are already cropped and resized to the model size (as
+        processor.resize_frames does), so the evaluation crop is not cut again."""
         device = next(self.model.parameters()).device
-        pixels = self.processor.pixel_values(images_BHWC, train=False).to(device)
+        # train=True only skips the evaluation crop: pixel_values has no other train-time step
+        pixels = self.processor.pixel_values(images_BHWC, train=preprocessed).to(device)
         prompts = self.processor.inference_prompts(instructions)
         return self.model.predict_action_tokens(prompts, pixels)
 
     def predict_action_batch(
-        self, images_BHWC, instructions: list[str], unnorm_key: str | Sequence[str] | None = None
+        self,
+        images_BHWC,
+        instructions: list[str],
+        unnorm_key: str | Sequence[str] | None = None,
+        preprocessed: bool = False,
     ) -> np.ndarray:
         """[B, H, W, 3] uint8 images + B instructions -> [B, action_dim] actions in physical units.
 
         unnorm_key: the dataset whose statistics unnormalize the actions (needed when the model has
-        several, e.g. after training on a mixture), or one key per frame.
+        several, e.g. after training on a mixture), or one key per frame. preprocessed: see predict_tokens.
         """
         if unnorm_key is None or isinstance(unnorm_key, str):
             keys = [unnorm_key] * len(instructions)
@@ -60,7 +83,7 @@ class VLAPolicy:
                 f"{len(keys)} unnorm_keys for {len(instructions)} instructions; pass one per frame"
             )
         stats = {key: self._stats_for(key) for key in dict.fromkeys(keys)}  # fails before any forward
-        tokens = self.predict_tokens(images_BHWC, instructions).cpu().numpy()
+        tokens = self.predict_tokens(images_BHWC, instructions, preprocessed).cpu().numpy()
         normalized = self.processor.action_tokenizer.decode(tokens)
         out = np.empty(normalized.shape, np.float32)
         for key, s in stats.items():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.prompting import IGNORE_INDEX, PromptBuilder
@@ -38,6 +37,26 @@ class ProcessorSettings:
         return cls(**json.loads((Path(directory) / PROCESSOR_FILE).read_text()))
 
 
+def resize_frames(frames_BHWC: np.ndarray, size: int, crop_area: float = 1.0) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> uint8 [B, size, size, 3] exactly as OpenVLA's processor resizes a camera frame
+    (`Image.fromarray(frame).resize((size, size), Image.BICUBIC)`: the aspect ratio is not kept). With
+    crop_area < 1 the centred box of that area fraction is cut first (rounded to whole pixels)."""
+    from PIL import Image
+
+    frames = np.asarray(frames_BHWC)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 RGB, got dtype {frames.dtype}")
+    h, w = frames.shape[1:3]
+    side = math.sqrt(crop_area)
+    ch, cw = round(h * side), round(w * side)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    out = np.empty((len(frames), size, size, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        image = Image.fromarray(np.ascontiguousarray(frame[top : top + ch, left : left + cw]))
+        out[i] = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+    return out
+
+
 class VLAProcessor:
     def __init__(
         self, tokenizer, settings: ProcessorSettings, empty_piece_id: int | None, n_action_bins: int
@@ -56,24 +75,21 @@ class VLAProcessor:
     def pixel_values(self, images_BHWC, train: bool = True) -> torch.Tensor:
         """uint8 images [B, H, W, 3] (numpy or torch) -> float32 [B, 6, S, S].
 
-        Frames from the data pipeline are already at the model size; other sizes are resized (bicubic,
-        antialiased). At inference (train=False) the optional centre crop is applied.
+        Frames from the data pipeline are already at the model size and pass straight through. Frames of
+        any other size are resized as OpenVLA's processor does: a PIL image resized to S x S with PIL's
+        bicubic filter, rounded to uint8 (resize_frames). At inference (train=False) the optional centre
+        crop is cut from the uint8 frame first and resized back the same way.
         """
         x = images_BHWC if torch.is_tensor(images_BHWC) else torch.tensor(np.asarray(images_BHWC))
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(
                 f"images must be uint8 [batch, height, width, 3] (RGB), got shape {tuple(x.shape)}"
             )
-        x = x.permute(0, 3, 1, 2).float() / 255.0
+        crop = 1.0 if train else self.settings.center_crop_area
         s = self.settings.image_size
-        if not train and self.settings.center_crop_area < 1.0:
-            h, w = x.shape[-2:]
-            side = math.sqrt(self.settings.center_crop_area)
-            ch, cw = round(h * side), round(w * side)
-            top, left = (h - ch) // 2, (w - cw) // 2
-            x = x[..., top : top + ch, left : left + cw]
-        if tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        if crop < 1.0 or tuple(x.shape[1:3]) != (s, s):
+            x = torch.from_numpy(resize_frames(x.cpu().numpy(), s, crop))
+        x = x.permute(0, 3, 1, 2).float() / 255.0
         x = torch.cat([x, x], dim=1)
         return (x - self._mean) / self._std
 
