@@ -176,7 +176,7 @@ def main() -> None:
             "    state_obs_keys: [state]",
             "    state_encoding: POS_EULER",
             "    action_encoding: EEF_POS",
-            "    standardize_fn: vla_synthetic",
+            "    standardize_fn: identity",
         ]
     (mix_root / "registry.yaml").write_text("\n".join(lines) + "\n")
     add_registry_files([mix_root / "registry.yaml"])

@@ -544,9 +544,7 @@ RAW_LAYOUTS: dict[str, RawLayout] = {
         {"language_text": TEXT},
     ),
     "libero": _LIBERO,
-    "vla_synthetic": RawLayout(
-        {"image": _img(32, 32), "state": _floats(8)}, _eef_action("binary"), STEP_TEXT
-    ),
+    "identity": RawLayout({"image": _img(32, 32), "state": _floats(8)}, _eef_action("binary"), STEP_TEXT),
     # vla-data metaworld (vla_train/sim/demos.py): corner4 frames, xyz + gripper opening, Meta-World's 39-D
     # observation; actions already in the OpenVLA layout (gripper 1 = open) beside the raw 4-D command.
     "metaworld": RawLayout(

@@ -358,4 +358,4 @@ def test_corrupt_jpeg_skipped_and_counted(bad):
     stream = FrameStream(_spec(root, "bad_jpeg", train=False, on_bad_data="skip"), stats)
     frames = sum(len(b["instruction"]) for b in stream)
     assert frames == 3 * 3 - 1  # one pass over val: the frame with the truncated JPEG is dropped
-    assert stream.drop_counts()["corrupt_jpeg"] == 1
+    assert stream.drop_counts()["corrupt_image"] == 1

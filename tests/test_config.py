@@ -96,7 +96,7 @@ def test_validation_has_no_side_effects(tmp_path):
     registry.write_text(
         "datasets:\n  my_robot:\n    image_obs_keys: {primary: image, secondary: null, wrist: null}\n"
         "    state_obs_keys: [state]\n    state_encoding: POS_EULER\n    action_encoding: EEF_POS\n"
-        "    standardize_fn: vla_synthetic\n"
+        "    standardize_fn: identity\n"
     )
     (tmp_path / "data" / "my_robot").mkdir()
     before = default_registry()

@@ -153,7 +153,7 @@ def test_own_dataset_needs_only_a_registry_yaml(small_synthetic, tmp_path):
         "    state_obs_keys: [state]\n"
         "    state_encoding: POS_EULER\n"
         "    action_encoding: EEF_POS\n"
-        "    standardize_fn: vla_synthetic\n"
+        "    standardize_fn: identity\n"
     )
     bad = DataConfig(data_root_dir=str(tmp_path), dataset_name="my_robot")
     assert any("data.dataset_name" in e and "my_robot" in e for e in bad.validate())

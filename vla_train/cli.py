@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from vla_train.config import ConfigError, EvalConfig, ExportConfig, ServeConfig, StatsConfig, TrainConfig
 from vla_train.config_cli import parse_config
@@ -125,10 +126,15 @@ def data_main(argv: list[str] | None = None) -> None:
 
     vla-data metaworld --tasks mt10 --episodes-per-task N --out DIR [--wrist true ...]: scripted-expert
     demonstrations from Meta-World as the RLDS dataset metaworld_mt10 (vla_train/sim/demos.py).
+
+    vla-data inspect NAME --data.data_root_dir DIR [--out DIR]: the dataset's counts, statistics and
+    pictures (vla_train/data/inspect.py).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["metaworld"]:
         return _metaworld_data(argv[1:])
+    if argv[:1] == ["inspect"]:
+        return _inspect_data(argv[1:])
     try:
         cfg = parse_config(StatsConfig, argv + ["--data.build_synthetic", "true"])
     except ConfigError as e:
@@ -136,6 +142,30 @@ def data_main(argv: list[str] | None = None) -> None:
     from vla_train.data.synthetic import build_synthetic_dataset
 
     print(build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic))
+
+
+def _inspect_data(argv: list[str]) -> None:
+    """vla-data inspect NAME --data.data_root_dir DIR [--out DIR] [--episodes 4] [--frames 6]"""
+    import json
+
+    from vla_train.config import InspectConfig
+
+    if argv and not argv[0].startswith("--"):
+        argv = ["--data.dataset_name", argv[0], *argv[1:]]
+    try:
+        cfg = parse_config(InspectConfig, _underscored(argv))
+    except ConfigError as e:
+        _fail(e)
+    from vla_train.data.errors import DatasetError
+    from vla_train.data.inspect import inspect_dataset
+
+    try:
+        summary = inspect_dataset(cfg)
+    except DatasetError as e:
+        _fail(e)
+    shown = {k: summary[k] for k in ("dataset", "splits", "num_transitions", "num_instructions", "pictures")}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {Path(summary['pictures'][0]).parent} (summary.md, summary.json, the pictures)")
 
 
 def _underscored(argv: list[str]) -> list[str]:
@@ -244,6 +274,42 @@ def serve_main(argv: list[str] | None = None) -> None:
         serve(cfg)
     except (ValueError, FileNotFoundError, ImportError) as e:
         _fail(e)
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    """vla-convert raw SRC DST [--name NAME] [--val_fraction 0.1] [--image_format jpeg|png]
+
+    A folder of per-episode .npz / .hdf5 files -> an RLDS dataset written by our tfds builder and its
+    registry entry (vla_train/data/convert/raw.py has the layout); every problem of every file is reported
+    at once, and nothing is written then.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kinds = ("raw",)
+    if not argv or argv[0] not in kinds:
+        _fail(
+            ValueError(f"vla-convert: name the source kind first, one of {kinds} (vla-convert raw SRC DST)")
+        )
+    rest = _underscored(argv[1:])  # argv[0] is the kind; raw is the only one so far
+    positional = []
+    while rest and not rest[0].startswith("--") and len(positional) < 2:
+        positional.append(rest.pop(0))
+    rest = [*(f"--{k}={v}" for k, v in zip(("src", "dst"), positional)), *rest]
+    from vla_train.config import ConvertRawConfig
+
+    try:
+        cfg = parse_config(ConvertRawConfig, rest)
+    except ConfigError as e:
+        _fail(e)
+    import json
+
+    from vla_train.data.convert.raw import convert_raw
+    from vla_train.data.errors import DatasetError
+
+    try:
+        result = convert_raw(cfg)
+    except DatasetError as e:
+        _fail(e)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ class DataConfig:
     build_synthetic: bool = False
     # Parameters of the synthetic dataset, used when build_synthetic builds it.
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    # Action/proprio normalization: bounds_q99 (OpenVLA default), bounds or normal.
+    # Action/proprio normalization: bounds_q99 (OpenVLA default), bounds or normal (statistics only: a
+    # training run with the token head refuses normal, whose values leave the bins' [-1, 1]).
     normalization: str = "bounds_q99"
     # Shuffle buffer, in frames (shuffling happens on still-encoded JPEG frames).
     shuffle_buffer_size: int = 20000
@@ -227,17 +228,22 @@ class DataConfig:
         """(problems, the dataset names the run reads): the registry (YAML only, no TensorFlow) with
         registry_files must name data.mixture or data.dataset_name. Reading it changes nothing: the run
         registers registry_files process-wide where it starts (mixture.run_datasets)."""
-        from vla_train.data.registry import RegistryError, UnknownNameError, load_registry
+        from vla_train.data.registry import (
+            RegistryError,
+            UnknownNameError,
+            load_registry,
+            unknown_standardize_problem,
+        )
 
         for f in self.registry_files:
             if not Path(f).is_file():
                 return [_problem(f"{prefix}.registry_files", f"file '{f}' does not exist")], []
         try:
             registry = load_registry(self.registry_files)
-            if self.mixture:
-                return [], [name for name, _ in registry.mixture(self.mixture)]
-            registry.dataset(self.dataset_name)
-            return [], [self.dataset_name]
+            names = [n for n, _ in registry.mixture(self.mixture)] if self.mixture else [self.dataset_name]
+            field_name = f"{prefix}.mixture" if self.mixture else f"{prefix}.dataset_name"
+            unknown = [unknown_standardize_problem(registry.dataset(n)) for n in names]
+            return [_problem(field_name, u) for u in unknown if u], names
         except RegistryError as e:
             return [_problem(f"{prefix}.registry_files", str(e))], []
         except UnknownNameError as e:
@@ -782,6 +788,15 @@ class TrainConfig:
             + (self.eval.validate("eval") if self.eval.rollouts_every else [])
             + launch_problems(self, launch_world_size())
         )
+        if self.data.normalization == "normal":  # the only action head today is the 256-bin token head
+            errs.append(
+                _problem(
+                    "data.normalization",
+                    "'normal' (mean/std) does not fit the action tokens: their 256 bins cover [-1, 1], so "
+                    "every value beyond one standard deviation would be clipped; use bounds_q99 (OpenVLA's "
+                    "default) or bounds",
+                )
+            )
         if errs:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
 
@@ -1048,3 +1063,63 @@ class ServeConfig:
         errs += self.safety.validate()
         if errs:
             raise ConfigError("invalid serve config:\n  " + "\n  ".join(errs))
+
+
+@dataclass
+class ConvertRawConfig:
+    # Folder of per-episode .npz / .hdf5 files (layout: vla_train/data/convert/raw.py).
+    src: str = ""
+    # Data root to write the dataset into (<dst>/<name>/1.0.0/) and its registry entry (<dst>/registry.yaml).
+    dst: str = ""
+    # Dataset name; empty = the dst folder's name.
+    name: str = ""
+    # Fraction of the episodes held out as the val split (at least one when there are two or more).
+    val_fraction: float = 0.1
+    # Seed of the train/val split.
+    seed: int = 0
+    # How frames are stored: jpeg (small) or png (lossless).
+    image_format: str = "jpeg"
+    # The actions' encoding; auto = by their width (7 EEF_POS, 8 JOINT_POS, 10 EEF_R6, 14 JOINT_POS_BIMANUAL).
+    action_encoding: str = "auto"
+    # What the state vector holds (written to the registry entry): NONE, POS_EULER, POS_QUAT, JOINT.
+    state_encoding: str = "NONE"
+
+    def validate(self) -> None:
+        from vla_train.data.registry import ACTION_ENCODINGS, STATE_ENCODINGS
+
+        errs = []
+        if not self.src:
+            errs.append(_problem("src", "is required: the folder of episode files"))
+        elif not Path(self.src).is_dir():
+            errs.append(_problem("src", f"'{self.src}' is not a folder"))
+        if not self.dst:
+            errs.append(_problem("dst", "is required: the data root to write the dataset into"))
+        elif problem := writable_dir_problem(self.dst):
+            errs.append(_problem("dst", problem))
+        name = self.name or Path(self.dst).name
+        if self.dst and not name.replace("_", "a").isalnum():
+            errs.append(_problem("name", f"'{name}' must be letters, digits and underscores (a tfds name)"))
+        if not 0 <= self.val_fraction < 1:
+            errs.append(_problem("val_fraction", f"must be in [0, 1), got {self.val_fraction}"))
+        errs += _one_of(self, "", "image_format", ("jpeg", "png"))
+        errs += _one_of(self, "", "action_encoding", ("auto", *ACTION_ENCODINGS))
+        errs += _one_of(self, "", "state_encoding", STATE_ENCODINGS)
+        if errs:
+            raise ConfigError("invalid convert config:\n  " + "\n  ".join(errs))
+
+
+@dataclass
+class InspectConfig(StatsConfig):
+    # Folder for summary.json/.md, contact_sheet.png and actions.png; empty = runs/inspect_<dataset>.
+    out: str = ""
+    # Episodes shown on the contact sheet (rows) ...
+    episodes: int = 4
+    # ... and frames per episode, evenly spaced over it.
+    frames: int = 6
+
+    def validate(self) -> None:
+        errs = self.data.validate("data") + _at_least(self, "", 1, "episodes", "frames")
+        if self.out and (problem := writable_dir_problem(self.out)):
+            errs.append(_problem("out", problem))
+        if errs:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

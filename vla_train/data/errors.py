@@ -4,7 +4,7 @@ name the dataset, the episode and the key (or the file), and what to do about it
 Two kinds of failure surface only while a pipeline runs, as TensorFlow errors:
 
 - bad values found by the pipeline's own checks (NaN/inf actions or proprio in `transforms.EpisodeFilter`,
-  a corrupt JPEG in the pipeline's `FrameCheck`, every episode dropped by the filters). With
+  a corrupt JPEG or PNG in the pipeline's `FrameCheck`, every episode dropped by the filters). With
   `on_bad_data=raise` those checks fail a `tf.debugging.Assert` whose message is built by
   `bad_data_message` (inside the graph); `diagnose_read_error` recognizes the message and returns it as a
   `DatasetError`. With `on_bad_data=skip` the episode or frame is dropped and counted instead.

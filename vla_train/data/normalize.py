@@ -34,18 +34,27 @@ def _bounds(stats: dict, mode: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize(x: np.ndarray, stats: dict, mode: str, mask: list[bool] | None = None) -> np.ndarray:
-    """Physical -> normalized. Dimensions with mask False pass through; min == max dims become 0."""
-    x = np.asarray(x, np.float64)
+    """Physical -> normalized. Dimensions with mask False pass through; min == max dims become 0.
+
+    Computed as OpenVLA's tf.data graph computes `clip(2 * (x - low) / (high - low + 1e-8) - 1, -1, 1)`:
+    its statistics are float64 numpy arrays (read from JSON) and the frames float32 tensors, so the
+    denominator is formed in float64 and cast, and every op with the frame runs in float32. The normalized
+    values, and so the action tokens, are then OpenVLA's bit for bit (one float64 pass differs by up to
+    2.4e-7, enough to move a value across a bin edge)."""
+    f32 = np.float32
+    x = np.asarray(x, f32)
     m = np.ones(x.shape[-1], bool) if mask is None else np.asarray(mask, bool)
     if mode == "normal":
-        out = (x - np.asarray(stats["mean"])) / (np.asarray(stats["std"]) + 1e-8)
+        mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+        out = (x - mean.astype(f32)) / (std + 1e-8).astype(f32)
     else:
         low, high = _bounds(stats, mode)
-        out = np.clip(2 * (x - low) / (high - low + 1e-8) - 1, -1, 1)
+        scale = (high - low + 1e-8).astype(f32)
+        out = np.clip(f32(2) * (x - low.astype(f32)) / scale - f32(1), f32(-1), f32(1))
     out = np.where(m, out, x)
     if mode != "normal":
-        out = np.where(np.asarray(stats["min"]) == np.asarray(stats["max"]), 0.0, out)
-    return out.astype(np.float32)
+        out = np.where(np.asarray(stats["min"]) == np.asarray(stats["max"]), f32(0), out)
+    return out.astype(f32)
 
 
 def unnormalize(
@@ -95,8 +104,19 @@ def statistics_from_trajectories(trajectories, action_mask: list[bool]) -> dict[
     }
 
 
-def cache_key(dataset_info: dict[str, Any], state_keys: list[str], standardize_fn: str) -> str:
-    blob = json.dumps({"info": dataset_info, "state": state_keys, "fn": standardize_fn}, sort_keys=True)
+def cache_key(
+    dataset_info: dict[str, Any], state_keys: list[str], standardize_fn: str, action_mask: list[bool]
+) -> str:
+    """Changes with the data, the state keys, the standardization (name and code) and the action mask."""
+    blob = json.dumps(
+        {
+            "info": dataset_info,
+            "state": state_keys,
+            "fn": standardize_fn,
+            "mask": list(map(bool, action_mask)),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

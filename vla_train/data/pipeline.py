@@ -1,6 +1,6 @@
 """The tf.data graph of a frame stream: RLDS trajectories of every dataset read (rlds.read_episodes, with
 their registry standardization, each read shard reading only its own files) -> filters and trajectory
-transforms (transforms.py) -> a JPEG check -> frames -> a weighted interleave of the datasets -> block
+transforms (transforms.py) -> an image file check -> frames -> a weighted interleave of the datasets -> block
 shuffle (still encoded) -> decode -> padded batches.
 
 Every step is a function of positions, not of history, so that a training stream can start anywhere
@@ -59,40 +59,63 @@ class StreamStart:
     cursors: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
-def _jpeg_markers_ok(image_bytes):
-    """Cheap integrity check of an encoded JPEG: start-of-image marker first, end-of-image marker last
-    (a truncated or overwritten file fails it; decoding is what would catch subtler damage)."""
+TAIL_BYTES = 4096  # where an image file's end marker is looked for (trailing bytes after it are allowed)
+
+
+def _contains(data, needle: bytes):
+    """Per string: whether `needle` occurs in it (splitting on a byte separator is byte-exact)."""
+    return tf.strings.split(data, sep=needle).row_lengths() > 1
+
+
+def image_file_ok(image_bytes):
+    """Cheap integrity check of encoded frames (a 1-D string tensor): a JPEG starts with its
+    start-of-image marker and has its end-of-image marker in the last TAIL_BYTES (bytes after it, as some
+    cameras write, are allowed); a PNG starts with its signature and has its IEND chunk there. A truncated
+    or overwritten file fails it; decoding is what would catch subtler damage."""
     n = tf.strings.length(image_bytes)
-    head = tf.strings.substr(image_bytes, 0, 2)
-    pos = tf.maximum(n - 2, 0)
-    tail = tf.strings.substr(image_bytes, pos, tf.fill(tf.shape(pos), 2))
-    return tf.logical_and(tf.equal(head, b"\xff\xd8"), tf.equal(tail, b"\xff\xd9"))
+    start = tf.maximum(n - TAIL_BYTES, 0)
+    tail = tf.strings.substr(image_bytes, start, tf.fill(tf.shape(start), TAIL_BYTES))
+    jpeg = tf.logical_and(
+        tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8"), _contains(tail, b"\xff\xd9")
+    )
+    png = tf.logical_and(
+        tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n"), _contains(tail, b"IEND")
+    )
+    return tf.logical_or(jpeg, png)
 
 
 def decode_frame(image_bytes, may_be_missing: bool = True):
-    """Encoded JPEG -> (uint8 [H, W, 3], shape [2]); an empty string (a camera the dataset does not have;
-    never the primary one) gives a 0 x 0 image, which FrameStream turns into a black frame."""
+    """Encoded JPEG or PNG -> (uint8 [H, W, 3], shape [2]); an empty string (a camera the dataset does not
+    have; never the primary one) gives a 0 x 0 image, which FrameStream turns into a black frame. JPEGs
+    decode exactly as tf.io.decode_jpeg decodes them."""
+
+    def decode():
+        return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
     if not may_be_missing:
-        img = tf.io.decode_jpeg(image_bytes, channels=3)
+        img = decode()
     else:
-        img = tf.cond(
-            tf.strings.length(image_bytes) > 0,
-            lambda: tf.io.decode_jpeg(image_bytes, channels=3),
-            lambda: tf.zeros([0, 0, 3], tf.uint8),
-        )
+        img = tf.cond(tf.strings.length(image_bytes) > 0, decode, lambda: tf.zeros([0, 0, 3], tf.uint8))
     return img, tf.shape(img)[:2]
 
 
 class FrameCheck:
     """`ds.map(FrameCheck(...))` on trajectories (after their transforms, before they are split into
-    frames): a frame whose JPEG (any requested camera, or its goal image) fails the marker check raises
+    frames): a frame whose image (any requested camera, or its goal image) fails `image_file_ok` raises
     (on_bad_data=raise: the error names the dataset, episode and camera key) or is dropped and counted
-    (skip; `counts()`). Checking whole trajectories keeps the per-frame cost to a few microseconds."""
+    (skip; `counts()`). Checking whole trajectories keeps the per-frame cost to a few microseconds.
 
-    def __init__(self, cameras: list[str], on_bad_data: str):
+    episodes_per_pass > 0 (a training stream, which repeats its episodes): once that many trajectories
+    have been checked without one good frame, the pipeline fails with the count instead of reading the
+    dataset forever for a frame it never gets."""
+
+    def __init__(self, cameras: list[str], on_bad_data: str, episodes_per_pass: int = 0):
         self.cameras = cameras  # every trajectory has image_<role> for each (rlds.read_episodes)
         self.on_bad_data = on_bad_data
+        self.episodes_per_pass = int(episodes_per_pass or 0)
         self._dropped = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._kept = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def __call__(self, traj):
         n = tf.shape(traj["action"])[0]
@@ -105,24 +128,37 @@ class FrameCheck:
             group, name = key.split("/")
             data = traj[group][name]
             # an empty string is a camera the dataset does not have (a black frame), not a corrupt one
-            good = tf.logical_or(tf.equal(tf.strings.length(data), 0), _jpeg_markers_ok(data))
+            good = tf.logical_or(tf.equal(tf.strings.length(data), 0), image_file_ok(data))
             if self.on_bad_data == "raise":
                 message = bad_data_message(
                     "dataset '", first_string(traj["dataset_name"]), "': episode '",
                     first_string(traj["episode_id"]), "' step ",
                     tf.strings.as_string(tf.argmin(tf.cast(good, tf.int32))),
-                    f" has a corrupt JPEG (no start/end-of-image marker) in '{key}'; set "
+                    f" has a corrupt image (a JPEG or PNG without its start or end marker) in '{key}'; set "
                     "data.on_bad_data=skip to drop and count such frames",
                 )  # fmt: skip
                 checks.append(tf.debugging.Assert(tf.reduce_all(good), [message]))
             ok = tf.logical_and(ok, good)
         with tf.control_dependencies(checks):
             dropped = tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.int64))
-        with tf.control_dependencies([self._dropped.assign_add(dropped)]):
+            seen = self._seen.assign_add(1)
+            kept = self._kept.assign_add(tf.cast(n, tf.int64) - dropped)
+        updates = [self._dropped.assign_add(dropped)]
+        if self.episodes_per_pass > 0:
+            nothing = tf.logical_and(seen >= self.episodes_per_pass, tf.equal(kept, 0))
+            message = bad_data_message(
+                "dataset '", first_string(traj["dataset_name"]), "': every frame of ",
+                tf.strings.as_string(seen), " episodes has a corrupt image (",
+                tf.strings.as_string(self._dropped.read_value() + dropped),
+                " frames dropped under data.on_bad_data=skip), so it would give no frames; re-encode or "
+                "rebuild the dataset's images",
+            )  # fmt: skip
+            updates.append(tf.debugging.Assert(tf.logical_not(nothing), [message]))
+        with tf.control_dependencies(updates):
             return tf.nest.map_structure(lambda x: tf.boolean_mask(x, ok), traj)
 
     def counts(self) -> dict[str, int]:
-        return {"corrupt_jpeg": int(self._dropped.numpy())}
+        return {"corrupt_image": int(self._dropped.numpy())}
 
 
 def memory_plan(spec: StreamSpec, bytes_per_frame: float) -> dict[str, int]:
@@ -232,7 +268,7 @@ def _dataset_frames(spec: StreamSpec, dataset_name: str, index: int, threads: in
         episodes_per_pass=episodes if spec.train else 0,
         split=split,
     )
-    frame_check = FrameCheck(list(d.cameras), d.on_bad_data)
+    frame_check = FrameCheck(list(d.cameras), d.on_bad_data, episodes if spec.train else 0)
     parts["filters"] += [episode_filter, frame_check]
     parts["readers"].append(counter)
     ds = ds.filter(episode_filter)

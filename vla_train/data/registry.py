@@ -10,11 +10,11 @@ for the process-wide default). File format (both top-level keys optional):
         image_obs_keys: {primary: <raw key or null>, secondary: ..., wrist: ...}
         depth_obs_keys: {primary: ..., secondary: ..., wrist: ...}     # optional, default all null
         state_obs_keys: [<key or null>, ...]                            # null = one zero column
-        state_encoding: NONE | POS_EULER | POS_QUAT | JOINT | JOINT_BIMANUAL
+        state_encoding: NONE | POS_EULER | POS_QUAT | JOINT | JOINT_BIMANUAL   # optional, documentation
         action_encoding: EEF_POS | JOINT_POS | JOINT_POS_BIMANUAL | EEF_R6
         action_dim: <int>            # optional: 7 / 8 / 14 / 10 by action_encoding
         standardize_fn: <name in vla_train.data.standardize> | <package.module:function>
-        control_frequency: <Hz>      # optional
+        control_frequency: <Hz>      # optional, documentation
         version: <x.y.z>             # optional, the usual tfds version of the data
         notes: <text>                # optional
         override: true               # optional: required to redefine a dataset from an earlier file
@@ -27,6 +27,7 @@ This module imports no TensorFlow: `resolve_standardize_fn` imports the standard
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 import re
@@ -54,7 +55,9 @@ DATASET_FIELDS = (
     "notes",
     "override",
 )
-REQUIRED_FIELDS = ("image_obs_keys", "state_obs_keys", "state_encoding", "action_encoding", "standardize_fn")
+# state_encoding and control_frequency document the data; neither changes what reaches the model (the
+# proprio vector is state_obs_keys concatenated; one frame per step whatever the rate), so both are optional.
+REQUIRED_FIELDS = ("image_obs_keys", "state_obs_keys", "action_encoding", "standardize_fn")
 REGISTRY_DIR_ENV = "VLA_TRAIN_REGISTRY_DIR"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -225,7 +228,7 @@ def _parse_dataset(path: Path, name: Any, entry: Any, problems: list[str]) -> Da
         problems.append(f"{where}: field 'state_obs_keys' must be a list of raw keys or null (padding)")
         state_keys = []
 
-    state_encoding = entry.get("state_encoding")
+    state_encoding = entry.get("state_encoding", "NONE")
     if "state_encoding" in entry and state_encoding not in STATE_ENCODINGS:
         problems.append(
             f"{where}: field 'state_encoding' is {state_encoding!r}; use one of {list(STATE_ENCODINGS)}"
@@ -418,6 +421,34 @@ def list_datasets(registry: Registry | None = None) -> list[str]:
 
 def list_mixtures(registry: Registry | None = None) -> list[str]:
     return sorted((registry or default_registry()).mixtures)
+
+
+@functools.cache
+def builtin_standardize_names() -> tuple[str, ...]:
+    """The names of STANDARDIZE_FNS, read from vla_train/data/standardize.py's source without importing it
+    (it imports TensorFlow), so that config validation can name an unknown standardization early."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent / "standardize.py").read_text())
+    for node in ast.walk(tree):
+        targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+        if any(getattr(t, "id", None) == "STANDARDIZE_FNS" for t in targets) and isinstance(
+            node.value, ast.Dict
+        ):
+            return tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+    raise RuntimeError("vla_train/data/standardize.py defines no STANDARDIZE_FNS dict")
+
+
+def unknown_standardize_problem(spec: DatasetSpec) -> str | None:
+    """Why spec's built-in standardize_fn name does not exist (None when it does, or is an import path)."""
+    if ":" in spec.standardize_fn or spec.standardize_fn in builtin_standardize_names():
+        return None
+    where = f" (from {spec.source})" if spec.source else ""
+    return (
+        f"dataset '{spec.name}'{where}: "
+        + _unknown("standardize_fn", spec.standardize_fn, builtin_standardize_names())
+        + f"; valid names: {', '.join(sorted(builtin_standardize_names()))}, or an import path 'package.module:function'"
+    )
 
 
 def resolve_standardize_fn(name: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

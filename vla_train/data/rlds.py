@@ -125,17 +125,35 @@ def _features_keys(builder) -> str:
         return "the stored keys could not be listed"
 
 
-def standardization_fingerprint(spec) -> str:
-    """Changes when the standardization changes: its name, keys and the function's source code."""
-    import hashlib
+def _sources(fn, seen: set | None = None) -> list[str]:
+    """The source of fn and of every function of its own module it calls, directly or through others
+    (the helpers a standardization is made of)."""
     import inspect
+
+    seen = set() if seen is None else seen
+    if fn in seen:
+        return []
+    seen.add(fn)
+    try:
+        out = [inspect.getsource(fn)]
+    except (OSError, TypeError):
+        return []
+    module = getattr(fn, "__module__", None)
+    for name in getattr(getattr(fn, "__code__", None), "co_names", ()):
+        helper = getattr(fn, "__globals__", {}).get(name)
+        if inspect.isfunction(helper) and helper.__module__ == module:
+            out += _sources(helper, seen)
+    return out
+
+
+def standardization_fingerprint(spec) -> str:
+    """Changes when the standardization changes: its name and the source code of the function and of
+    every helper of its module it calls."""
+    import hashlib
 
     from vla_train.data.registry import resolve_standardize_fn
 
-    try:
-        source = inspect.getsource(resolve_standardize_fn(spec.standardize_fn))
-    except (OSError, TypeError):
-        source = ""
+    source = "\n".join(_sources(resolve_standardize_fn(spec.standardize_fn)))
     return f"{spec.standardize_fn}:{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
@@ -436,9 +454,17 @@ def _finite_trajectories(trajectories, dataset_name: str, on_bad_data: str, skip
 SKIPPED_KEY = "num_trajectories_skipped_non_finite"
 
 
+def action_mask(spec) -> list[bool]:
+    """Which action dimensions are normalized: all but the gripper of a dataset with one."""
+    return default_action_mask(spec.action_dim) if spec.has_gripper else [True] * spec.action_dim
+
+
 def _statistics_cache(data_root_dir: str, dataset_name: str, cache_dir: str, spec, builder) -> Path:
     key = cache_key(
-        dataset_fingerprint(builder), list(map(str, spec.state_obs_keys)), standardization_fingerprint(spec)
+        dataset_fingerprint(builder),
+        list(map(str, spec.state_obs_keys)),
+        standardization_fingerprint(spec),
+        action_mask(spec),
     )
     return stats_cache_path(cache_dir or str(Path(data_root_dir) / "vla_train_stats"), dataset_name, key)
 
@@ -452,6 +478,24 @@ def statistics_cached(
         _statistics_cache(data_root_dir, dataset_name, cache_dir, dataset_spec(dataset_name), builder)
     )
     return stats is not None and not (stats.get(SKIPPED_KEY) and on_bad_data != "skip")
+
+
+def check_stored_keys(builder, spec) -> None:
+    """A dataset read as stored (standardize_fn identity) must store every image, depth and state key its
+    registry entry names; checked from the dataset's features (no episode is read), so that a wrong key
+    fails before a model is built, not at the first batch. Other standardizations may derive keys."""
+    if spec.standardize_fn != "identity":
+        return
+    steps = builder.info.features["steps"]
+    stored = set(steps["observation"].keys()) if "observation" in steps.keys() else set()
+    named = [*spec.image_obs_keys.values(), *spec.depth_obs_keys.values(), *spec.state_obs_keys]
+    missing = [k for k in named if k is not None and k not in stored]
+    if missing:
+        where = f" ({spec.source})" if spec.source else ""
+        raise DatasetError(
+            f"dataset '{spec.name}': its registry entry{where} names observation key(s) {missing} that the "
+            f"stored episodes do not have ({_features_keys(builder)}); fix image_obs_keys / state_obs_keys"
+        )
 
 
 def get_statistics(
@@ -469,12 +513,13 @@ def get_statistics(
 
     spec = dataset_spec(dataset_name)
     builder = open_builder(data_root_dir, dataset_name)
+    check_stored_keys(builder, spec)  # the trainer computes statistics before it builds the model
     path = _statistics_cache(data_root_dir, dataset_name, cache_dir, spec, builder)
     stats = load_cached(path)
     if stats is not None and stats.get(SKIPPED_KEY) and on_bad_data != "skip":
         stats = None
     if stats is None:
-        mask = default_action_mask(spec.action_dim) if spec.has_gripper else [True] * spec.action_dim
+        mask = action_mask(spec)
         skipped: list[str] = []
         trajectories = _finite_trajectories(
             numeric_trajectories(builder, dataset_name), dataset_name, on_bad_data, skipped

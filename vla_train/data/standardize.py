@@ -711,7 +711,7 @@ STANDARDIZE_FNS: dict[str, StandardizeFn] = {
     "tdroid": tdroid,
     "expert_demos": expert_demos,
     "libero": libero,
-    "vla_synthetic": passthrough,
+    "identity": passthrough,  # data already in the convention (vla_train's synthetic dataset, converters)
     "metaworld": metaworld,
 }
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vla_train.config import SyntheticDataConfig
+from vla_train.data.rlds_steps import step_flag_features, step_flags
 from vla_train.data.tf_setup import tf, tfds
 
 DATASET_NAME = "vla_synthetic"
@@ -104,11 +105,7 @@ def generate_episode(rng: np.random.Generator, cfg: SyntheticDataConfig) -> dict
                 "observation": {"image": image, "state": state.copy()},
                 "action": action.copy(),
                 "language_instruction": instruction,
-                "is_first": t == 0,
-                "is_last": t == T - 1,
-                "is_terminal": t == T - 1,
-                "reward": float(t == T - 1),
-                "discount": 1.0,
+                **step_flags(t, T),
             }
         )
         state[:6] += action[:6]
@@ -147,11 +144,7 @@ def _builder_class():
                                 ),
                                 "action": tfds.features.Tensor(shape=(ACTION_DIM,), dtype=np.float32),
                                 "language_instruction": tfds.features.Text(),
-                                "is_first": tfds.features.Scalar(dtype=np.bool_),
-                                "is_last": tfds.features.Scalar(dtype=np.bool_),
-                                "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-                                "reward": tfds.features.Scalar(dtype=np.float32),
-                                "discount": tfds.features.Scalar(dtype=np.float32),
+                                **step_flag_features(tfds),
                             }
                         ),
                         "episode_metadata": tfds.features.FeaturesDict({"scene": tfds.features.Text()}),

@@ -46,9 +46,9 @@ ON_BAD_DATA = ("raise", "skip")
 
 
 def has_instruction(traj) -> object:
-    """True when the episode's (first) language instruction is non-empty (False for an empty episode)."""
-    first = tf.strings.reduce_join(traj["task"]["language_instruction"][:1])
-    return tf.strings.length(first) > 0
+    """True when any step of the episode has a non-empty instruction, as OpenVLA decides (it reduces over
+    every step); False for an empty episode."""
+    return tf.reduce_any(tf.strings.length(traj["task"]["language_instruction"]) > 0)
 
 
 def within_bound(x, bound: float) -> object:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from vla_train.config import MetaWorldDataConfig
+from vla_train.data.rlds_steps import step_flag_features, step_flags
 from vla_train.sim.metaworld_env import (
     INSTRUCTIONS,
     MetaWorldEnv,
@@ -283,11 +284,7 @@ def _builder_class():
                                 "action": tfds.features.Tensor(shape=(7,), dtype=np.float32),
                                 "raw_action": tfds.features.Tensor(shape=(4,), dtype=np.float32),
                                 "language_instruction": tfds.features.Text(),
-                                "is_first": tfds.features.Scalar(dtype=np.bool_),
-                                "is_last": tfds.features.Scalar(dtype=np.bool_),
-                                "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-                                "reward": tfds.features.Scalar(dtype=np.float32),
-                                "discount": tfds.features.Scalar(dtype=np.float32),
+                                **step_flag_features(tfds),
                             }
                         ),
                         "episode_metadata": tfds.features.FeaturesDict(
@@ -323,11 +320,7 @@ def _builder_class():
                             "action": to_openvla_action(ep["raw_action"][t]),
                             "raw_action": ep["raw_action"][t].astype(np.float32),
                             "language_instruction": INSTRUCTIONS[task],
-                            "is_first": t == 0,
-                            "is_last": t == T - 1,
-                            "is_terminal": t == T - 1,
-                            "reward": float(t == T - 1),
-                            "discount": 1.0,
+                            **step_flags(t, T),
                         }
                     )
                 meta = {"task": task, "seed": int(ep["seed"]), "success_step": int(ep["first_success"])}
