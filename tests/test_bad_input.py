@@ -20,14 +20,14 @@ from vla_train.data.stream import FrameStream
 from vla_train.data.synthetic import DATASET_NAME
 
 REGISTERED = {  # registry entries (vla_test_utils.registry_yaml)
-    "bad_no_dir": "vla_synthetic",
-    "bad_missing_key": {"standardize_fn": "vla_synthetic", "state": "joint_state"},  # episodes: 'state'
-    "bad_action_dim": {"standardize_fn": "vla_synthetic", "action_dim": 8},  # the episodes have 7
+    "bad_no_dir": "identity",
+    "bad_missing_key": {"standardize_fn": "identity", "state": "joint_state"},  # episodes: 'state'
+    "bad_action_dim": {"standardize_fn": "identity", "action_dim": 8},  # the episodes have 7
     "bad_layout": "rt1",  # rt1 reads dict actions and an observation instruction
-    "bad_empty": "vla_synthetic",
-    "bad_nan": "vla_synthetic",
-    "bad_jpeg": "vla_synthetic",
-    "bad_tfrecord": "vla_synthetic",
+    "bad_empty": "identity",
+    "bad_nan": "identity",
+    "bad_jpeg": "identity",
+    "bad_tfrecord": "identity",
 }
 TFDS_ID = r"-(train|val)\.tfrecord-\d{5}-of-\d{5}__\d+"
 

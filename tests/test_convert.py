@@ -64,7 +64,7 @@ def test_raw_episodes_convert_and_train_through_the_cli(fmt, tmp_path):
     src = write_episodes(tmp_path / "episodes", fmt=fmt)
     proc = convert(src, tmp_path / "data", "--name", "my_robot", "--image_format", "png")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1 :])  # after tfds' own lines
     assert result["episodes"] == {"train": 5, "val": 1} and result["frames"] == 30
     entry = yaml.safe_load((tmp_path / "data" / "registry.yaml").read_text())["datasets"]["my_robot"]
     assert entry["image_obs_keys"] == {"primary": "image", "secondary": None, "wrist": "wrist_image"}
@@ -82,11 +82,12 @@ def test_raw_episodes_convert_and_train_through_the_cli(fmt, tmp_path):
 
             with h5py.File(src / name) as f:
                 original = {k: f[k][()] for k in f}
-        steps = ep["steps"]
-        assert np.array_equal(steps["observation"]["image"], original["image"])
-        assert np.array_equal(steps["observation"]["wrist_image"], original["wrist_image"])
-        assert np.array_equal(steps["action"], original["action"])
-        assert steps["language_instruction"][0].decode() in TASKS
+        steps = list(ep["steps"])
+        assert np.array_equal(np.stack([s["observation"]["image"] for s in steps]), original["image"])
+        wrist = np.stack([s["observation"]["wrist_image"] for s in steps])
+        assert np.array_equal(wrist, original["wrist_image"])
+        assert np.array_equal(np.stack([s["action"] for s in steps]), original["action"])
+        assert steps[0]["language_instruction"].decode() in TASKS
 
     if fmt == "npz":  # vla-data inspect on the converted dataset: its numbers and its pictures
         from PIL import Image

@@ -267,7 +267,7 @@ def _pause(x):
 
 
 def slow_vla_synthetic(traj):
-    traj = STANDARDIZE_FNS["vla_synthetic"](traj)
+    traj = STANDARDIZE_FNS["identity"](traj)
     action = tf.py_function(_pause, [traj["action"]], tf.float32)
     action.set_shape(traj["action"].shape)
     return {**traj, "action": action}

@@ -30,7 +30,7 @@ def two_datasets(small_synthetic, tmp_path_factory):
         src,
         root,
         [DATASET_NAME, SECOND],
-        {SECOND: "vla_synthetic"},
+        {SECOND: "identity"},
         {"syn_pair": [(DATASET_NAME, 3.0), (SECOND, 1.0)]},
     )
     add_registry_files([registry])
@@ -218,7 +218,7 @@ def test_cameras_absent_from_a_dataset_are_black_and_masked(two_datasets, tmp_pa
 
     root, _, stats = two_datasets
     extra = tmp_path / "wrist.yaml"
-    extra.write_text(registry_yaml({"syn_wrist": "vla_synthetic"}, wrist=True))
+    extra.write_text(registry_yaml({"syn_wrist": "identity"}, wrist=True))
     add_registry_files([extra])
     shutil.copytree(root / SECOND, root / "syn_wrist", dirs_exist_ok=True)
     all_stats = {**stats, "syn_wrist": stats[SECOND]}

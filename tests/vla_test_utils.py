@@ -182,7 +182,7 @@ def multi_file_mixture(root: Path, work: Path, files: int = 4) -> Path:
         work / "files",
         root,
         [DATASET_NAME, "syn_files_b"],
-        {"syn_files_b": "vla_synthetic", "syn_one_file": "vla_synthetic"},
+        {"syn_files_b": "identity", "syn_one_file": "identity"},
         {"syn_files": [(DATASET_NAME, 1.0), ("syn_files_b", 1.0)]},
     )
     shutil.copytree(work / "one" / DATASET_NAME, root / "syn_one_file")

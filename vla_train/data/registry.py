@@ -423,6 +423,9 @@ def list_mixtures(registry: Registry | None = None) -> list[str]:
     return sorted((registry or default_registry()).mixtures)
 
 
+RENAMED_STANDARDIZE_FNS = {"vla_synthetic": "identity"}  # old name -> new name
+
+
 @functools.cache
 def builtin_standardize_names() -> tuple[str, ...]:
     """The names of STANDARDIZE_FNS, read from vla_train/data/standardize.py's source without importing it
@@ -444,6 +447,9 @@ def unknown_standardize_problem(spec: DatasetSpec) -> str | None:
     if ":" in spec.standardize_fn or spec.standardize_fn in builtin_standardize_names():
         return None
     where = f" (from {spec.source})" if spec.source else ""
+    if spec.standardize_fn in RENAMED_STANDARDIZE_FNS:
+        new = RENAMED_STANDARDIZE_FNS[spec.standardize_fn]
+        return f"dataset '{spec.name}'{where}: standardize_fn '{spec.standardize_fn}' is now called '{new}'; rename it"
     return (
         f"dataset '{spec.name}'{where}: "
         + _unknown("standardize_fn", spec.standardize_fn, builtin_standardize_names())

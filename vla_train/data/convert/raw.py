@@ -186,7 +186,7 @@ def _builder_class(name: str, episodes: list[Episode], image_format: str, val_na
         """Episodes converted by vla-convert raw (vla_train/data/convert/raw.py)."""
 
         VERSION = tfds.core.Version(VERSION)
-        RELEASE_NOTES = {VERSION: "Converted from per-episode files by vla-convert raw."}
+        RELEASE_NOTES = {str(VERSION): "Converted from per-episode files by vla-convert raw."}
 
         def _info(self):
             steps = {
