@@ -155,6 +155,7 @@ def quantized(policy_dir: str, run_dir: str, num_frames: int) -> list[dict]:
     import torch
 
     from vla_train.export import load_run_config, sample_frames
+    from vla_train.models.load import cast_parameters
     from vla_train.models.policy import VLAPolicy
 
     cfg = load_run_config(Path(run_dir))
@@ -164,8 +165,7 @@ def quantized(policy_dir: str, run_dir: str, num_frames: int) -> list[dict]:
     tokens = {"fp32": base.predict_tokens(frames["image"], frames["instruction"])}
     memory = {"fp32": weight_bytes(base.model)}
     bf16 = VLAPolicy.from_dir(policy_dir)
-    for p in bf16.model.parameters():
-        p.data = p.data.to(torch.bfloat16)
+    cast_parameters(bf16.model, torch.bfloat16)  # what vla-export --dtype bf16 writes
     tokens["bf16"], memory["bf16"] = (
         bf16.predict_tokens(frames["image"], frames["instruction"]),
         weight_bytes(bf16.model),

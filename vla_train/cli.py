@@ -17,6 +17,14 @@ def _fail(e: Exception) -> None:
     sys.exit(EXIT_CONFIG)
 
 
+def _parsed(config_cls, argv):
+    """The validated config, or exit with the problems (EXIT_CONFIG)."""
+    try:
+        return parse_config(config_cls, argv)
+    except ConfigError as e:
+        _fail(e)
+
+
 def train_main(argv: list[str] | None = None) -> None:
     """vla-train --config_path configs/demo.yaml [--training.max_steps 20 ...]
 
@@ -34,10 +42,7 @@ def train_main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     preflight_only = "--preflight-only" in argv
     argv = [a for a in argv if a != "--preflight-only"]
-    try:
-        cfg = parse_config(TrainConfig, argv)
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(TrainConfig, argv)
     if preflight_only:
         from vla_train.config import launch_world_size
         from vla_train.training.distributed import local_world_size
@@ -75,10 +80,7 @@ def _exit_now(code: int) -> None:
 
 def export_main(argv: list[str] | None = None) -> None:
     """vla-export --run_dir runs/demo [--output_dir DIR] [--predict_samples 3] [--dtype fp32|bf16]"""
-    try:
-        cfg = parse_config(ExportConfig, argv)
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(ExportConfig, argv)
     from vla_train.export import export_run
 
     export_run(cfg)
@@ -89,10 +91,7 @@ def stats_main(argv: list[str] | None = None) -> None:
 
     With --data.mixture NAME: the statistics of every dataset of the mixture, one line per dataset.
     """
-    try:
-        cfg = parse_config(StatsConfig, argv)
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(StatsConfig, argv)
     import json
 
     from vla_train.data.errors import DatasetError
@@ -135,10 +134,7 @@ def data_main(argv: list[str] | None = None) -> None:
         return _metaworld_data(argv[1:])
     if argv[:1] == ["inspect"]:
         return _inspect_data(argv[1:])
-    try:
-        cfg = parse_config(StatsConfig, argv + ["--data.build_synthetic", "true"])
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(StatsConfig, argv + ["--data.build_synthetic", "true"])
     from vla_train.data.synthetic import build_synthetic_dataset
 
     print(build_synthetic_dataset(cfg.data.data_root_dir, cfg.data.synthetic))
@@ -152,10 +148,7 @@ def _inspect_data(argv: list[str]) -> None:
 
     if argv and not argv[0].startswith("--"):
         argv = ["--data.dataset_name", argv[0], *argv[1:]]
-    try:
-        cfg = parse_config(InspectConfig, _underscored(argv))
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(InspectConfig, _underscored(argv))
     from vla_train.data.errors import DatasetError
     from vla_train.data.inspect import inspect_dataset
 
@@ -182,10 +175,7 @@ def _metaworld_data(argv: list[str]) -> None:
 
     from vla_train.config import MetaWorldDataConfig
 
-    try:
-        cfg = parse_config(MetaWorldDataConfig, _underscored(argv))
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(MetaWorldDataConfig, _underscored(argv))
     from vla_train.sim.demos import build_metaworld_dataset
 
     try:
@@ -203,10 +193,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     and success.png in the output folder.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = parse_config(EvalConfig, _underscored(argv))
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(EvalConfig, _underscored(argv))
     import json
     from pathlib import Path
 
@@ -264,10 +251,7 @@ def serve_main(argv: list[str] | None = None) -> None:
     POST /v1/act of vla_train.serving.PolicyClient, GET /health and /info, POST /estop and /estop/reset.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = parse_config(ServeConfig, _safety_switch(_underscored(argv)))
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(ServeConfig, _safety_switch(_underscored(argv)))
     from vla_train.serving.server import serve
 
     try:
@@ -296,10 +280,7 @@ def convert_main(argv: list[str] | None = None) -> None:
     rest = [*(f"--{k}={v}" for k, v in zip(("src", "dst"), positional)), *rest]
     from vla_train.config import ConvertRawConfig
 
-    try:
-        cfg = parse_config(ConvertRawConfig, rest)
-    except ConfigError as e:
-        _fail(e)
+    cfg = _parsed(ConvertRawConfig, rest)
     import json
 
     from vla_train.data.convert.raw import convert_raw

@@ -1,6 +1,6 @@
 """vla-export: merge a run's LoRA adapters into its base model in one CPU process and write a
-self-contained model directory in fp32 or bf16 (`--dtype`) (weights, config with the norm_stats of the fine-tuning dataset, or of
-each dataset of a mixture, tokenizer, processor settings, dataset_statistics.json).
+self-contained model directory (weights in fp32 or bf16, config with the norm_stats of the fine-tuning
+dataset, or of each dataset of a mixture, tokenizer, processor settings, dataset_statistics.json).
 
 Checks made on every export, on sample frames: the merged model predicts the same action tokens as the
 unmerged (base + adapters) one, and the written directory, reloaded, predicts the same tokens again.
@@ -23,7 +23,7 @@ from vla_train.config import ExportConfig, TrainConfig
 from vla_train.config_cli import parse_config
 from vla_train.data.mixture import run_datasets
 from vla_train.data.stream import FrameStream
-from vla_train.models.load import load_model_dir, save_model_dir
+from vla_train.models.load import cast_parameters, load_model_dir, save_model_dir
 from vla_train.models.peft import apply_lora, load_adapter_state_dict
 from vla_train.models.policy import VLAPolicy
 from vla_train.runs import (
@@ -121,11 +121,8 @@ def export_run(cfg: ExportConfig) -> Path:
                 f"{int((unmerged != merged).any(-1).sum())} of {len(merged)} sample frames; export aborted"
             )
         fp32_tokens, cast = merged, {}
-        if (
-            cfg.dtype == "bf16"
-        ):  # the written weights are bf16: what is checked from here on is the cast model
-            for p in model.parameters():  # not .to(): rotary frequencies stay fp32, as a reload rebuilds them
-                p.data = p.data.to(torch.bfloat16)
+        if cfg.dtype == "bf16":  # the written weights are bf16: from here on the cast model is checked
+            cast_parameters(model, torch.bfloat16)
             merged = VLAPolicy(model, processor).predict_tokens(frames["image"], frames["instruction"])
             cast = {
                 "bf16_token_agreement": float((merged == fp32_tokens).float().mean()),

@@ -22,8 +22,8 @@ THUMB = 96  # pixels per frame on the contact sheet
 
 
 def _episodes(cfg: InspectConfig, builder, split: str, cameras: tuple[str, ...]) -> list[dict]:
+    from vla_train.data.pipeline import decode_frame
     from vla_train.data.rlds import EpisodeOrder, read_episodes
-    from vla_train.data.tf_setup import tf
 
     ds = read_episodes(
         builder, split, EpisodeOrder(train=False, seed=0), dataset_name=cfg.data.dataset_name, cameras=cameras
@@ -36,9 +36,7 @@ def _episodes(cfg: InspectConfig, builder, split: str, cameras: tuple[str, ...])
         for role in cameras:
             data = traj["observation"][f"image_{role}"]
             if all(len(data[i]) for i in picks):
-                frames[role] = [
-                    tf.io.decode_image(data[i], channels=3, expand_animations=False).numpy() for i in picks
-                ]
+                frames[role] = [decode_frame(data[i], may_be_missing=False)[0].numpy() for i in picks]
         text = next((t.decode() for t in traj["task"]["language_instruction"] if t), "(no instruction)")
         out.append({"instruction": text, "action": traj["action"], "frames": frames, "steps": picks})
     return out

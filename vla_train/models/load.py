@@ -103,6 +103,15 @@ def build_from_config(model_cfg: ModelConfig, instructions: list[str], seed: int
     return model, make_processor(config, tokenizer)
 
 
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the parameters (what model.safetensors stores) to dtype in place. Unlike model.to(dtype) the
+    non-persistent buffers (rotary frequencies) stay fp32, as load_model_dir rebuilds them, so the cast
+    model predicts what its saved and reloaded directory predicts."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def save_model_dir(
     directory: str | Path,
     model: VLA,

@@ -28,6 +28,7 @@ from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import psutil
 from fastapi import FastAPI, Request
@@ -69,9 +70,13 @@ class Batcher:
             ) from None
         return future
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread after the requests queued so far (within timeout_s; it is a daemon thread)."""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:  # the model is stuck with a full queue: leave the thread to the process exit
+            return
+        self._thread.join(timeout=timeout_s)
 
     def _loop(self) -> None:
         while True:
@@ -269,8 +274,6 @@ def make_app(service: PolicyService, cfg: ServeConfig, token: str | None = None)
 
     @app.post("/v1/act")
     async def act_msgpack(request: Request):
-        import msgpack
-
         result = await act(request, lambda body: (wire.parse_msgpack_request(body), None))
         if isinstance(result, JSONResponse):
             return result

@@ -30,13 +30,15 @@ import numpy as np
 
 from vla_train.config import ConvertRawConfig
 from vla_train.data.errors import DatasetError
+from vla_train.data.registry import DEFAULT_ACTION_DIM
 from vla_train.data.rlds_steps import step_flag_features, step_flags
 
 VERSION = "1.0.0"
 SUFFIXES = (".npz", ".hdf5", ".h5")
 ARRAY_KEYS = ("image", "wrist_image", "state", "action")
 KNOWN_KEYS = (*ARRAY_KEYS, "instruction", "control_frequency")
-ENCODING_BY_DIM = {7: "EEF_POS", 8: "JOINT_POS", 14: "JOINT_POS_BIMANUAL", 10: "EEF_R6"}
+# the encoding an action width names by itself (the registry's default widths, inverted)
+ENCODING_BY_DIM = {dim: encoding for encoding, dim in DEFAULT_ACTION_DIM.items()}
 
 
 @dataclass
@@ -258,8 +260,6 @@ def registry_entry(name: str, episodes: list[Episode], encoding: str, state_enco
         "version": VERSION,
         "notes": f"Converted by vla-convert raw from {len(episodes)} episode files.",
     }
-    from vla_train.data.registry import DEFAULT_ACTION_DIM
-
     if first["action"].shape[1] != DEFAULT_ACTION_DIM[encoding]:
         entry["action_dim"] = int(first["action"].shape[1])
     freqs = {ep.control_frequency for ep in episodes if ep.control_frequency is not None}
