@@ -24,6 +24,7 @@ INSTRUCTIONS = ["pick up the red block", "open the drawer", "push the button dow
 
 def reference_outputs() -> dict:
     from test_reference_losses import machine
+
     from vla_train.config import ModelConfig
     from vla_train.models.load import build_from_config
 
@@ -36,7 +37,9 @@ def reference_outputs() -> dict:
     inputs = processor.collate(images, INSTRUCTIONS, actions)
     with torch.no_grad():
         out = model(**inputs)
-        tokens = model.predict_action_tokens(processor.inference_prompts(INSTRUCTIONS), inputs["pixel_values_BCHW"])
+        tokens = model.predict_action_tokens(
+            processor.inference_prompts(INSTRUCTIONS), inputs["pixel_values_BCHW"]
+        )
     logits = out.logits_NV.numpy()
     return {
         "machine": machine(),

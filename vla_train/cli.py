@@ -202,7 +202,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     from vla_train.sim.metaworld_env import resolve_tasks
 
     try:
-        policy, meta = load_policy(cfg.policy, cfg.unnorm_key, cfg.device)
+        policy, meta = load_policy(cfg.policy, cfg.unnorm_key, cfg.device, cfg.execute_steps)
     except (ImportError, FileNotFoundError, ValueError) as e:
         _fail(e)
     data_root = cfg.data_root_dir or meta.get("data_root_dir", "")

@@ -305,8 +305,18 @@ class ModelConfig:
     # Number of action bins (OpenVLA: 256).
     n_action_bins: int = 256
     # Attention kernel: auto (flash_attention_2 when flash-attn is installed and CUDA is up, else sdpa),
-    # sdpa, eager, or flash_attention_2 (needs the `gpu` extra).
+    # sdpa, eager, or flash_attention_2 (needs the `gpu` extra). l1_parallel takes sdpa or eager.
     attn_implementation: str = "auto"
+    # How actions come out: tokens (OpenVLA: 256-bin action tokens decoded one by one) or l1_parallel
+    # (OpenVLA-OFT-style parallel decoding: chunk x action_dim placeholder slots after the prompt, one
+    # forward pass, an MLP head on their hidden states regressing normalized actions with L1 loss). The
+    # chunk is data.future_action_window_size + 1 actions; the cameras are data.cameras.
+    action_head: str = "tokens"
+    # Width of the l1_parallel head's MLP (0 = llm_hidden_size, as OpenVLA-OFT).
+    head_hidden_size: int = 0
+    # Feed the current proprio (normalized with each dataset's proprio statistics) as one token through
+    # a small projector after the image patches (OpenVLA-OFT's ProprioProjector).
+    use_proprio: bool = False
 
     def validate(self, prefix: str = "model") -> list[str]:
         errs = []
@@ -349,6 +359,16 @@ class ModelConfig:
         errs += _at_least(self, prefix, 64, "text_vocab_size", note="to hold the prompt vocabulary")
         errs += _one_of(self, prefix, "llm_type", ("llama", "qwen2"))
         errs += _one_of(self, prefix, "attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
+        errs += _one_of(self, prefix, "action_head", ("tokens", "l1_parallel"))
+        errs += _at_least(self, prefix, 0, "head_hidden_size", note="0 = llm_hidden_size")
+        if self.action_head == "l1_parallel" and self.attn_implementation == "flash_attention_2":
+            errs.append(
+                _problem(
+                    f"{prefix}.attn_implementation",
+                    "flash_attention_2 cannot take the l1_parallel head's attention mask (slots attend to "
+                    "each other both ways); use sdpa, eager or auto",
+                )
+            )
         if self.llm_num_kv_heads and self.llm_num_heads % self.llm_num_kv_heads:
             errs.append(
                 _problem(
@@ -720,9 +740,13 @@ class RolloutConfig:
     num_workers: int = 0
     # Trials per task saved as a video (the first ones).
     video_trials: int = 2
+    # A policy that predicts chunks of K actions: steps executed open loop from each chunk before the
+    # next query (0 = all K, as OpenVLA-OFT; at most K).
+    execute_steps: int = 0
 
     def validate(self, prefix: str = "") -> list[str]:
         errs = _at_least(self, prefix, 1, "trials", "max_steps")
+        errs += _at_least(self, prefix, 0, "execute_steps", note="0 = the whole chunk")
         if self.trials > SEEDS_PER_SPLIT:
             errs.append(
                 _problem(_field(prefix, "trials"), f"must be <= {SEEDS_PER_SPLIT} (seeds per task and split)")
@@ -788,13 +812,13 @@ class TrainConfig:
             + (self.eval.validate("eval") if self.eval.rollouts_every else [])
             + launch_problems(self, launch_world_size())
         )
-        if self.data.normalization == "normal":  # the only action head today is the 256-bin token head
+        if self.data.normalization == "normal" and self.model.action_head == "tokens":
             errs.append(
                 _problem(
                     "data.normalization",
                     "'normal' (mean/std) does not fit the action tokens: their 256 bins cover [-1, 1], so "
                     "every value beyond one standard deviation would be clipped; use bounds_q99 (OpenVLA's "
-                    "default) or bounds",
+                    "default) or bounds, or the regression head model.action_head l1_parallel",
                 )
             )
         if errs:

@@ -23,7 +23,7 @@ from vla_train.config import ExportConfig, TrainConfig
 from vla_train.config_cli import parse_config
 from vla_train.data.mixture import run_datasets
 from vla_train.data.stream import FrameStream
-from vla_train.models.load import cast_parameters, load_model_dir, save_model_dir
+from vla_train.models.load import cast_parameters, load_with_layout, run_layout, save_model_dir
 from vla_train.models.peft import apply_lora, load_adapter_state_dict
 from vla_train.models.policy import VLAPolicy
 from vla_train.runs import (
@@ -31,6 +31,7 @@ from vla_train.runs import (
     STATS_FILE,
     base_model_dir,
     current_action,
+    policy_inputs,
     stream_spec,
     use_run_preprocessing,
 )
@@ -55,12 +56,11 @@ def sample_frames(train_cfg: TrainConfig, norm_stats: dict, image_size: int, n: 
     spec = stream_spec(train_cfg, datasets, image_size, train=False, batch_size=n * stride)
     batch = next(iter(FrameStream(spec, norm_stats)))
     pick = slice(0, None, stride) if len(batch["instruction"]) >= n * stride else slice(0, n)
-    return {
-        "image": batch["image"][pick][:n],
-        "instruction": batch["instruction"][pick][:n],
-        "action": current_action(batch, "action_raw")[pick][:n],
-        "dataset_name": batch["dataset_name"][pick][:n],
-    }
+    keys = ["image", "instruction", "dataset_name", "proprio"]
+    keys += [k for k in batch if k.startswith("image_")]  # other cameras and their masks
+    frames = {k: batch[k][pick][:n] for k in keys}
+    frames["action"] = current_action(batch, "action_raw")[pick][:n]
+    return frames
 
 
 def load_trained(
@@ -73,9 +73,12 @@ def load_trained(
     ckpt = ckpt or latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no committed checkpoint; train first (vla-train)")
-    model, processor = load_model_dir(base_model_dir(run_dir, train_cfg), device="cpu")
     if norm_stats is None:
         norm_stats = json.loads((run_dir / STATS_FILE).read_text())
+    layout = run_layout(train_cfg.data, train_cfg.model, norm_stats)
+    model, processor, _ = load_with_layout(
+        base_model_dir(run_dir, train_cfg), layout, train_cfg.training.seed
+    )
     model.config.norm_stats = norm_stats
     use_run_preprocessing(processor, train_cfg.data)
     saved = load_checkpoint(ckpt)
@@ -88,6 +91,21 @@ def load_trained(
     if result.unexpected_keys:
         raise ValueError(f"{ckpt} holds weights the base model does not: {result.unexpected_keys[:8]}")
     return model.eval(), processor
+
+
+def _as_bins(prediction: torch.Tensor, processor) -> torch.Tensor:
+    """Token ids as they are; the l1_parallel head's normalized actions as the ids of their bins."""
+    if prediction.is_floating_point():
+        return torch.from_numpy(processor.action_tokenizer.encode(prediction.cpu().numpy()))
+    return prediction
+
+
+def _frames_changed(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Frames whose prediction differs: any token, or a regressed value by more than 1e-4 (a merge
+    reorders float sums)."""
+    if a.is_floating_point():
+        return int(((a - b).abs() > 1e-4).reshape(len(a), -1).any(-1).sum())
+    return int((a != b).any(-1).sum())
 
 
 def chosen_checkpoint(run_dir: Path, which: str = "") -> Path | None:
@@ -110,27 +128,28 @@ def export_run(cfg: ExportConfig) -> Path:
             train_cfg, norm_stats, processor.settings.image_size, max(cfg.predict_samples, 8)
         )
         if train_cfg.lora.enabled:
-            unmerged = VLAPolicy(trained, processor).predict_tokens(frames["image"], frames["instruction"])
+            unmerged = VLAPolicy(trained, processor).predict_tokens(**policy_inputs(processor, frames))
             model = trained.merge_and_unload()
         else:
             model, unmerged = trained, None
-        merged = VLAPolicy(model, processor).predict_tokens(frames["image"], frames["instruction"])
-        if unmerged is not None and not torch.equal(unmerged, merged):
+        merged = VLAPolicy(model, processor).predict_tokens(**policy_inputs(processor, frames))
+        if unmerged is not None and _frames_changed(unmerged, merged):
             raise RuntimeError(
-                f"merged model predicts different action tokens than base + adapters on "
-                f"{int((unmerged != merged).any(-1).sum())} of {len(merged)} sample frames; export aborted"
+                f"merged model predicts different actions than base + adapters on "
+                f"{_frames_changed(unmerged, merged)} of {len(merged)} sample frames; export aborted"
             )
         fp32_tokens, cast = merged, {}
         if cfg.dtype == "bf16":  # the written weights are bf16: from here on the cast model is checked
             cast_parameters(model, torch.bfloat16)
-            merged = VLAPolicy(model, processor).predict_tokens(frames["image"], frames["instruction"])
+            merged = VLAPolicy(model, processor).predict_tokens(**policy_inputs(processor, frames))
+            bins = [_as_bins(x, processor) for x in (merged, fp32_tokens)]
             cast = {
-                "bf16_token_agreement": float((merged == fp32_tokens).float().mean()),
-                "bf16_frames_changed": int((merged != fp32_tokens).any(-1).sum()),
+                "bf16_token_agreement": float((bins[0] == bins[1]).float().mean()),
+                "bf16_frames_changed": int((bins[0] != bins[1]).reshape(len(merged), -1).any(-1).sum()),
             }
         save_model_dir(out_dir, model, processor, norm_stats)
         policy = VLAPolicy.from_dir(out_dir)
-        reloaded = policy.predict_tokens(frames["image"], frames["instruction"])
+        reloaded = policy.predict_tokens(**policy_inputs(processor, frames))
     if not torch.equal(reloaded, merged):
         raise RuntimeError(f"the exported directory {out_dir} does not reproduce the merged model's tokens")
     report = {
@@ -155,13 +174,19 @@ def export_run(cfg: ExportConfig) -> Path:
     if cfg.predict_samples:
         np.set_printoptions(precision=3, suppress=True, floatmode="fixed")
         # each frame unnormalized with its own dataset's statistics (one unnorm_key per frame)
+        inputs = policy_inputs(policy.processor, frames)
         preds = policy.predict_action_batch(
-            frames["image"], frames["instruction"], unnorm_key=frames["dataset_name"]
+            inputs["images"],
+            frames["instruction"],
+            unnorm_key=frames["dataset_name"],
+            proprio=inputs["proprio"],
+            image_masks=inputs["image_masks"],
         )
         for i in range(cfg.predict_samples):
             dataset = f" [{frames['dataset_name'][i]}]" if len(norm_stats) > 1 else ""
             print(f"instruction: {frames['instruction'][i]}{dataset}")
-            print(f"  predicted action: {preds[i]}")
+            first = " (the first of its chunk)" if preds.ndim == 3 else ""
+            print(f"  predicted action: {preds[i][0] if preds.ndim == 3 else preds[i]}{first}")
             print(f"  true action:      {np.asarray(frames['action'][i])}")
         val = [m for m in read_metrics(run_dir) if "val/action_token_accuracy" in m]
         if val:

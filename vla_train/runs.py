@@ -75,14 +75,44 @@ def use_run_preprocessing(processor: VLAProcessor, data: DataConfig) -> VLAProce
     return processor
 
 
+def camera_frames(processor: VLAProcessor, batch: dict[str, Any]) -> tuple[Any, dict | None]:
+    """The frames of a stream batch for the processor's cameras (one array for a one-camera model, else
+    {role: frames}), and the masks of cameras a dataset lacks."""
+    roles = processor.cameras
+    if roles == ("primary",):
+        return batch["image"], None
+    images = {r: batch["image" if r == "primary" else f"image_{r}"] for r in roles}
+    return images, {r: batch[f"image_{r}_mask"] for r in roles if f"image_{r}_mask" in batch}
+
+
+def policy_inputs(processor: VLAProcessor, batch: dict[str, Any]) -> dict[str, Any]:
+    """A stream batch as VLAPolicy.predict_tokens' keyword arguments (frames, cameras, raw proprio)."""
+    images, masks = camera_frames(processor, batch)
+    return {
+        "images": images,
+        "instructions": batch["instruction"],
+        "image_masks": masks,
+        "proprio": batch["proprio"] if processor.proprio_dim else None,
+        "unnorm_key": batch["dataset_name"],
+    }
+
+
 def model_inputs(
     processor: VLAProcessor, batch: dict[str, Any], train: bool = True
 ) -> dict[str, torch.Tensor]:
     """Model inputs of a stream batch: its normalized actions ([B, A], or [B, F + 1, A] chunks) as action
-    tokens, chunk steps past the episode end out of the loss; train=False preprocesses the images as
-    inference does."""
+    tokens (or regression targets), chunk steps past the episode end out of the loss; the model's
+    cameras (a dataset without one: masked) and normalized proprio; train=False preprocesses the images
+    as inference does."""
+    images, masks = camera_frames(processor, batch)
     return processor.collate(
-        batch["image"], batch["instruction"], batch["action"], batch.get("action_pad_mask"), train=train
+        images,
+        batch["instruction"],
+        batch["action"],
+        batch.get("action_pad_mask"),
+        train=train,
+        proprio_BP=batch.get("proprio_norm") if processor.proprio_dim else None,
+        image_masks=masks,
     )
 
 

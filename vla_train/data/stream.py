@@ -99,6 +99,25 @@ def normalize_batch(
     return out
 
 
+def normalize_proprio_batch(
+    proprio: np.ndarray, dataset_names: list[str], statistics: dict[str, Any], mode: str
+) -> np.ndarray:
+    """Normalize each frame's proprio ([B, P] or a window [B, W, P]) with its dataset's proprio
+    statistics, as actions are (every dimension; a mixture's zero padding beyond a dataset's own width
+    stays 0). A dataset without proprio gives zeros."""
+    x = np.asarray(proprio, np.float32)
+    out = np.zeros_like(x)
+    per_dataset = is_per_dataset(statistics)
+    for name in sorted(set(dataset_names)):
+        stats = (statistics[name] if per_dataset else statistics).get("proprio") or {}
+        width = len(stats.get("q01", []))
+        if not width:
+            continue
+        rows = np.asarray([n == name for n in dataset_names])
+        out[rows, ..., :width] = normalize(x[rows, ..., :width], stats, mode)
+    return out
+
+
 # Decoded frames are allocated by tf.data's threads and freed by others; glibc keeps the freed memory in
 # per-thread arenas, fragmented, so the process's RSS creeps up by hundreds of MB over minutes (measured
 # in scripts/bench_data.py). Handing free memory back to the OS every so often keeps RSS flat.
@@ -297,6 +316,7 @@ class FrameStream:
             ),
             action_raw=batch["action"],
             proprio=batch["proprio"],
+            proprio_norm=normalize_proprio_batch(batch["proprio"], names, self.statistics, d.normalization),
             dataset_name=names,
             episode_id=[s.decode() for s in batch["episode_id"]],
         )

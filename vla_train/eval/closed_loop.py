@@ -118,7 +118,7 @@ class TrainingRollouts:
             self.workers = SimWorkers(self.render, n, max_path_length=self.cfg.max_steps + 1)
         was_training = vla.training
         try:
-            policy = ModelPolicy(VLAPolicy(vla, processor))
+            policy = ModelPolicy(VLAPolicy(vla, processor), execute_steps=self.cfg.execute_steps)
             summary = evaluate_closed_loop(
                 policy,
                 self.cfg,

@@ -3,7 +3,8 @@ the scripted experts (Meta-World's own, live), or a replay of a dataset's record
 the data and the action mapping: it must score 100% on the seeds it was recorded from).
 
 Every policy answers `act(observations, instructions, trials, steps)` with one 7-D OpenVLA-layout action
-per observation (None: the worker's expert acts) and says whether it looks at frames (`needs_frames`).
+per observation (None: the worker's expert acts) and says whether it looks at frames (`needs_frames`). A
+model that predicts chunks executes them (ModelPolicy.execute_steps).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from vla_train.sim.demos import DATASET_NAME, dataset_dir
 
 
 class ModelPolicy:
-    """A VLA: the primary camera's frame + the task's instruction -> the current step's action."""
+    """A VLA: the frames of its cameras + the task's instruction (+ the proprio state) -> the current
+    step's action. A model that predicts chunks of K actions is queried once per `execute_steps` steps
+    of a trial (0 = K: the whole chunk open loop, as OpenVLA-OFT executes it); the rest of the chunk is
+    played from a queue without looking at the frames."""
 
     needs_frames = True
 
-    def __init__(self, vla_policy, unnorm_key: str = ""):
+    def __init__(self, vla_policy, unnorm_key: str = "", execute_steps: int = 0):
         self.policy = vla_policy
         stats = vla_policy.model.config.norm_stats or {}
         if unnorm_key:
@@ -30,23 +34,54 @@ class ModelPolicy:
             self.unnorm_key = DATASET_NAME
         else:
             self.unnorm_key = None  # the only dataset, or a clear error from VLAPolicy
-        self.action_dim = vla_policy.model.config.action_dim
+        config = vla_policy.model.config
+        self.action_dim, self.chunk_size = config.action_dim, config.chunk_size
+        self.execute_steps = min(execute_steps or config.chunk_size, config.chunk_size)
+        self.queues: dict[tuple, list[np.ndarray]] = {}
+        self.queries = 0  # forward passes' frames: one per executed chunk
 
-    def act(self, observations, instructions, trials, steps):
+    def _frames(self, observations, key: str) -> np.ndarray:
         from vla_train.data.image_ops import resize_uint8
 
         size = self.policy.processor.settings.image_size
-        # the training pipeline's own resize (lanczos3, antialiased), so the model sees frames as in training
-        images = np.stack(
-            [
-                o["frames"]["image"]
-                if o["frames"]["image"].shape[0] == size
-                else resize_uint8(o["frames"]["image"], size)
-                for o in observations
-            ]
+        out = []
+        for o in observations:
+            if key not in o["frames"]:
+                raise ValueError(
+                    f"the policy reads the {key} camera, which the simulator does not render: "
+                    "generate and evaluate with the wrist camera (vla-data metaworld --wrist true)"
+                )
+            frame = o["frames"][key]
+            # the training pipeline's own resize (lanczos3, antialiased), so the model sees frames as in training
+            out.append(frame if frame.shape[0] == size else resize_uint8(frame, size))
+        return np.stack(out)
+
+    def _query(self, observations, instructions) -> np.ndarray:
+        """[B, K, A] actions of the observations' frames."""
+        roles = self.policy.processor.cameras
+        if roles == ("primary",):
+            images = self._frames(observations, "image")
+        else:
+            keys = {"primary": "image", "wrist": "wrist_image"}
+            images = {r: self._frames(observations, keys.get(r, f"{r}_image")) for r in roles}
+        proprio = np.stack([o["state"] for o in observations]) if self.policy.processor.proprio_dim else None
+        actions = self.policy.predict_action_batch(
+            images, list(instructions), self.unnorm_key, proprio=proprio
         )
-        actions = self.policy.predict_action_batch(images, list(instructions), self.unnorm_key)
-        return list(actions[:, : self.action_dim])  # the current step's action of a chunk
+        self.queries += len(observations)
+        return actions[:, None] if actions.ndim == 2 else actions
+
+    def act(self, observations, instructions, trials, steps):
+        keys = [(t.task, t.seed, t.index) for t in trials]
+        for key, step in zip(keys, steps):
+            if step == 0:
+                self.queues.pop(key, None)  # a new trial (or the same one again)
+        need = [i for i, key in enumerate(keys) if not self.queues.get(key)]
+        if need:
+            chunks = self._query([observations[i] for i in need], [instructions[i] for i in need])
+            for i, chunk in zip(need, chunks):
+                self.queues[keys[i]] = list(chunk[: self.execute_steps, : self.action_dim])
+        return [self.queues[key].pop(0) for key in keys]
 
 
 class ExpertPolicy:
@@ -96,7 +131,7 @@ class ReplayPolicy:
         return out
 
 
-def load_policy(spec: str, unnorm_key: str = "", device: str = "cpu"):
+def load_policy(spec: str, unnorm_key: str = "", device: str = "cpu", execute_steps: int = 0):
     """'expert', 'replay:<data_root_dir>', an exported model directory (config.json), or a vla-train run
     directory (its newest checkpoint, adapters unmerged). Returns (policy, a description for results)."""
     if spec == "expert":
@@ -115,14 +150,15 @@ def load_policy(spec: str, unnorm_key: str = "", device: str = "cpu"):
         ckpt = latest_checkpoint(path)
         model, processor = load_trained(path, train_cfg, ckpt)
         vla = VLAPolicy(model.to(device), processor)
-        return ModelPolicy(vla, unnorm_key), {"kind": "run", "run_dir": str(path), "checkpoint": str(ckpt)}
+        info = {"kind": "run", "run_dir": str(path), "checkpoint": str(ckpt)}
+        return ModelPolicy(vla, unnorm_key, execute_steps), info
     if (path / "config.json").is_file():
         vla = VLAPolicy.from_dir(path, device)
         info = {"kind": "model_dir", "model_dir": str(path)}
         report = path / "export_report.json"
         if report.is_file():
             info["checkpoint"] = json.loads(report.read_text()).get("checkpoint")
-        return ModelPolicy(vla, unnorm_key), info
+        return ModelPolicy(vla, unnorm_key, execute_steps), info
     raise FileNotFoundError(
         f"policy '{spec}' is neither a model directory (config.json), a run directory (config.yaml), "
         "'expert' nor 'replay:<data_root_dir>'"

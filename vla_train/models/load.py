@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vla_train.config import ModelConfig
+from vla_train.config import DataConfig, ModelConfig
 from vla_train.models.processor import ProcessorSettings, VLAProcessor
 from vla_train.models.tokenizer import build_local_tokenizer, empty_piece_id
 from vla_train.models.vla import VLA, VLAConfig
@@ -45,7 +45,9 @@ def resolve_attn_implementation(name: str) -> str:
     return "sdpa"
 
 
-def vla_config_from(model_cfg: ModelConfig, tokenizer) -> VLAConfig:
+def vla_config_from(model_cfg: ModelConfig, tokenizer, layout: dict | None = None) -> VLAConfig:
+    """layout: the run's run_layout or head_layout (chunk, cameras, proprio width); None = OpenVLA's one
+    image, one action, no proprio, and model_cfg's head."""
     m = model_cfg
     llm: dict = {
         "model_type": m.llm_type,
@@ -84,20 +86,87 @@ def vla_config_from(model_cfg: ModelConfig, tokenizer) -> VLAConfig:
         n_action_bins=m.n_action_bins,
         llm_max_length=m.max_length,
         attn_implementation=resolve_attn_implementation(m.attn_implementation),
+        **{"action_head": m.action_head, "head_hidden_size": m.head_hidden_size, **(layout or {})},
     )
 
 
 def make_processor(config: VLAConfig, tokenizer, center_crop_area: float = 1.0) -> VLAProcessor:
     settings = ProcessorSettings(
-        config.image_size, center_crop_area, config.llm_max_length - config.num_patches
+        config.image_size, center_crop_area, config.llm_max_length - config.num_prefix_tokens
     )
-    return VLAProcessor(tokenizer, settings, config.empty_piece_id, config.n_action_bins)
+    return processor_for(config, tokenizer, settings)
 
 
-def build_from_config(model_cfg: ModelConfig, instructions: list[str], seed: int) -> tuple[VLA, VLAProcessor]:
-    """A randomly initialized model (seeded) and its processor with a tokenizer trained on `instructions`."""
+def processor_for(config: VLAConfig, tokenizer, settings: ProcessorSettings) -> VLAProcessor:
+    """The processor that builds `config`'s model inputs (its action head, cameras, proprio)."""
+    return VLAProcessor(
+        tokenizer,
+        settings,
+        config.empty_piece_id,
+        config.n_action_bins,
+        action_head=config.action_head,
+        cameras=tuple(config.cameras),
+        proprio_dim=config.proprio_dim,
+    )
+
+
+def head_layout(data: DataConfig, model_cfg: ModelConfig, norm_stats: dict[str, Any]) -> dict[str, Any]:
+    """What a run's data puts into and asks out of the model: the chunk (future_action_window_size + 1),
+    the cameras, and the proprio width (the widest dataset's, when model.use_proprio)."""
+    proprio_dim = 0
+    if model_cfg.use_proprio:
+        widths = {name: len(s.get("proprio", {}).get("q01", [])) for name, s in norm_stats.items()}
+        proprio_dim = max(widths.values(), default=0)
+        if not proprio_dim:
+            raise ValueError(
+                f"model.use_proprio is set but the run's datasets have no proprio ({widths}); register their "
+                "state_obs_keys or set model.use_proprio false"
+            )
+    return {
+        "chunk_size": data.future_action_window_size + 1,
+        "cameras": list(data.cameras),
+        "proprio_dim": proprio_dim,
+    }
+
+
+def run_layout(data: DataConfig, model_cfg: ModelConfig, norm_stats: dict[str, Any]) -> dict[str, Any]:
+    """The model layout (VLAConfig.layout) a run trains: its action head and head_layout."""
+    return {
+        "action_head": model_cfg.action_head,
+        "head_hidden_size": model_cfg.head_hidden_size,
+        **head_layout(data, model_cfg, norm_stats),
+    }
+
+
+def stored_layout(directory: str | Path) -> dict[str, Any] | None:
+    """The layout of a vla_train model directory, from its config.json (None for another format)."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    if config.get("model_type") != "vla_train":
+        return None
+    return VLAConfig.from_dict(config).layout()
+
+
+def load_with_layout(
+    directory: str | Path, layout: dict[str, Any], seed: int, device: str = "cpu"
+) -> tuple[VLA, VLAProcessor, list[str]]:
+    """load_model_dir, then the model turned into `layout` (VLA.set_layout; created modules seeded):
+    (model, its processor, the names of the modules created)."""
+    model, processor = load_model_dir(directory, device)
+    torch.manual_seed(seed)
+    added = model.set_layout(layout)
+    if added or processor.action_head != model.config.action_head:
+        model.to(device)
+        processor = processor_for(model.config, processor.tokenizer, processor.settings)
+    return model, processor, added
+
+
+def build_from_config(
+    model_cfg: ModelConfig, instructions: list[str], seed: int, layout: dict | None = None
+) -> tuple[VLA, VLAProcessor]:
+    """A randomly initialized model (seeded) and its processor with a tokenizer trained on `instructions`;
+    layout: head_layout."""
     tokenizer = build_local_tokenizer(instructions, model_cfg.text_vocab_size, model_cfg.n_action_bins)
-    config = vla_config_from(model_cfg, tokenizer)
+    config = vla_config_from(model_cfg, tokenizer, layout)
     torch.manual_seed(seed)
     model = VLA(config)
     return model, make_processor(config, tokenizer)
@@ -202,7 +271,7 @@ def _load_processor(d: Path, config: VLAConfig) -> VLAProcessor:
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(d))
-    return VLAProcessor(tokenizer, ProcessorSettings.load(d), config.empty_piece_id, config.n_action_bins)
+    return processor_for(config, tokenizer, ProcessorSettings.load(d))
 
 
 def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLAProcessor]:

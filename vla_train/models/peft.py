@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vla_train.config import LoraConfig
+from vla_train.models.vla import NEW_MODULES
 
 # The DINOv2 mask token only serves masked-image pretraining; the VLA forward never reads it, and a
 # trainable parameter without a gradient breaks DDP.
@@ -23,10 +24,25 @@ def freeze_unused(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+def _is_new_module(name: str) -> bool:
+    return any(_is_under(name, m) for m in NEW_MODULES)
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
+    """LoRA's candidate layers: every nn.Linear but the LM head and the NEW_MODULES (the proprio
+    projector and the l1_parallel head train whole, as OpenVLA-OFT trains them)."""
     return sorted(
-        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not name.endswith("lm_head") and not _is_new_module(name)
     )
+
+
+def train_new_modules(model: nn.Module) -> None:
+    """The NEW_MODULES (VLA.add_missing_modules) always train, whole, in every mode."""
+    for name, p in model.named_parameters():
+        if _is_new_module(name.removeprefix("base_model.model.")):
+            p.requires_grad_(True)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -67,6 +83,7 @@ def quantized_layers(model: nn.Module, cfg: LoraConfig) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and not name.endswith("lm_head")
+        and not _is_new_module(name)
         and not any(_matches(name, skip) or _is_under(name, skip) for skip in cfg.quant_skip_modules)
     ]
 
@@ -143,6 +160,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
         modules_to_save=list(cfg.modules_to_save) or None,
     )
     peft_model = peft.get_peft_model(model, peft_cfg)
+    train_new_modules(peft_model)
     freeze_unused(peft_model)
     return peft_model
 
@@ -173,6 +191,7 @@ def set_finetune_mode(vla: nn.Module, mode: str) -> None:
             m.requires_grad_(True)
     else:
         raise ValueError(f"unknown finetune mode '{mode}'")
+    train_new_modules(vla)
     freeze_unused(vla)
 
 

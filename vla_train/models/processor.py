@@ -59,10 +59,21 @@ def resize_frames(frames_BHWC: np.ndarray, size: int, crop_area: float = 1.0) ->
 
 class VLAProcessor:
     def __init__(
-        self, tokenizer, settings: ProcessorSettings, empty_piece_id: int | None, n_action_bins: int
+        self,
+        tokenizer,
+        settings: ProcessorSettings,
+        empty_piece_id: int | None,
+        n_action_bins: int,
+        action_head: str = "tokens",
+        cameras: tuple[str, ...] = ("primary",),
+        proprio_dim: int = 0,
     ):
+        """action_head, cameras, proprio_dim: the model's (VLAConfig): what collate builds."""
         self.tokenizer = tokenizer
         self.settings = settings
+        self.action_head = action_head
+        self.cameras = tuple(cameras)
+        self.proprio_dim = proprio_dim
         self.action_tokenizer = ActionTokenizer(
             len(tokenizer) - 1, n_action_bins
         )  # base vocab = all but <pad>
@@ -93,6 +104,50 @@ class VLAProcessor:
         x = torch.cat([x, x], dim=1)
         return (x - self._mean) / self._std
 
+    def camera_inputs(self, images, image_masks=None, train: bool = True) -> dict[str, torch.Tensor]:
+        """The model's image inputs: `images` is one camera's uint8 frames [B, H, W, 3] (a one-camera
+        model) or {role: frames} for every camera of the model, in any order; image_masks {role: [B]
+        bool} marks frames a dataset does not have (their patches are masked out). Returns
+        pixel_values_BCHW [B, 6 x cameras, S, S] (the model's camera order) and image_mask_BN when some
+        frame is missing."""
+        if not isinstance(images, dict):
+            if len(self.cameras) != 1:
+                raise ValueError(f"this model reads cameras {list(self.cameras)}: pass {{role: frames}}")
+            images = {self.cameras[0]: images}
+        missing = [c for c in self.cameras if c not in images]
+        if missing:
+            raise ValueError(
+                f"this model reads cameras {list(self.cameras)}; no frames for {missing} (a camera a robot "
+                "lacks: pass black frames and image_masks {role: False})"
+            )
+        pixels = [self.pixel_values(images[c], train=train) for c in self.cameras]
+        out = {"pixel_values_BCHW": pixels[0] if len(pixels) == 1 else torch.cat(pixels, dim=1)}
+        if image_masks:
+            B = pixels[0].shape[0]
+            cols = [
+                torch.as_tensor(np.asarray(image_masks.get(c, np.ones(B, bool)), bool)) for c in self.cameras
+            ]
+            mask = torch.stack(cols, dim=1)
+            if not bool(mask.all()):
+                out["image_mask_BN"] = mask
+        return out
+
+    def proprio_input(self, proprio_BP) -> dict[str, torch.Tensor]:
+        """{proprio_BP: float32 [B, proprio_dim]} for a model with a proprio token (normalized proprio,
+        wider input cut to the model's width: a mixture pads proprio with zeros), else {}."""
+        if not self.proprio_dim:
+            return {}
+        if proprio_BP is None:
+            raise ValueError(
+                f"this model reads proprio ({self.proprio_dim} values, normalized): pass proprio"
+            )
+        x = np.asarray(proprio_BP, np.float32)
+        if x.ndim == 3:  # a proprio window [B, W, P]: the current step
+            x = x[:, -1]
+        if x.ndim != 2 or x.shape[1] < self.proprio_dim:
+            raise ValueError(f"proprio must be [batch, {self.proprio_dim}], got {x.shape}")
+        return {"proprio_BP": torch.from_numpy(np.ascontiguousarray(x[:, : self.proprio_dim]))}
+
     # ---- text -----------------------------------------------------------------------------------
     def collate(
         self,
@@ -101,11 +156,21 @@ class VLAProcessor:
         actions_BA: np.ndarray,
         action_pad_mask_BT: np.ndarray | None = None,
         train: bool = True,
+        proprio_BP: np.ndarray | None = None,
+        image_masks: dict | None = None,
     ) -> dict[str, torch.Tensor]:
-        """A batch for the model's forward: normalized actions ([B, A], or chunks [B, F + 1, A]) become
-        action tokens, with labels only on them and EOS; chunk steps where action_pad_mask_BT is False
-        (past the episode end) get no labels. train=False preprocesses the images as inference does
-        (pixel_values)."""
+        """A batch for the model's forward. Token head: normalized actions ([B, A], or chunks
+        [B, F + 1, A]) become action tokens, with labels only on them and EOS; chunk steps where
+        action_pad_mask_BT is False (past the episode end) get no labels. l1_parallel: the prompts alone,
+        and the normalized actions as regression targets (actions_BKA, action_mask_BK). train=False
+        preprocesses the images as inference does (pixel_values). Images, image_masks: camera_inputs."""
+        extra = {**self.camera_inputs(images_BHWC, image_masks, train), **self.proprio_input(proprio_BP)}
+        if self.action_head == "l1_parallel":
+            return {
+                **self._prompt_batch(instructions),
+                **extra,
+                **self._action_targets(actions_BA, action_pad_mask_BT),
+            }
         action_ids = self.action_tokenizer.encode(actions_BA)
         masks = [None] * len(instructions) if action_pad_mask_BT is None else list(action_pad_mask_BT)
         pairs = [
@@ -128,8 +193,43 @@ class VLAProcessor:
             "input_ids_BL": input_ids,
             "attention_mask_BL": (input_ids != pad).long(),
             "labels_BL": labels,
-            "pixel_values_BCHW": self.pixel_values(images_BHWC, train=train),
+            **extra,
         }
+
+    def _prompt_batch(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """The inference prompts (BOS + prompt + empty piece), right-padded."""
+        prompts = self.inference_prompts(instructions)
+        L = max(len(p) for p in prompts)
+        if L > self.settings.max_length:
+            raise ValueError(
+                f"a prompt has {L} tokens, more than the model's max_length {self.settings.max_length}; "
+                "shorten the instruction or raise model.max_length"
+            )
+        ids = torch.full((len(prompts), L), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), L), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+            mask[b, : len(p)] = 1
+        return {"input_ids_BL": ids, "attention_mask_BL": mask}
+
+    @staticmethod
+    def _action_targets(actions, action_pad_mask_BT=None) -> dict[str, torch.Tensor]:
+        a = np.asarray(actions, np.float32)
+        a = a[:, None] if a.ndim == 2 else a  # [B, A] -> one-step chunks
+        if action_pad_mask_BT is None:
+            mask = np.ones(a.shape[:2], bool)
+        else:
+            mask = np.asarray(action_pad_mask_BT, bool)
+        return {
+            "actions_BKA": torch.from_numpy(np.ascontiguousarray(a)),
+            "action_mask_BK": torch.from_numpy(mask),
+        }
+
+    def supervised_count(self, inputs: dict[str, torch.Tensor]) -> int:
+        """What the loss averages over: supervised tokens (token head), or supervised action values."""
+        if "labels_BL" in inputs:
+            return int((inputs["labels_BL"][:, 1:] != IGNORE_INDEX).sum())
+        return int(inputs["action_mask_BK"].sum()) * inputs["actions_BKA"].shape[-1]
 
     def inference_prompts(self, instructions: list[str]) -> list[list[int]]:
         return [self.prompt_builder.prompt_ids(i) for i in instructions]

@@ -26,14 +26,20 @@ def _evaluate_batch(vla, processor: VLAProcessor, batch: dict[str, Any], statist
     inputs = model_inputs(processor, batch, train=False)
     with autocast(ctx):
         out = vla(**{k: v.to(ctx.device) for k, v in inputs.items()})
-        generated = vla.predict_action_tokens(
-            processor.inference_prompts(batch["instruction"]), inputs["pixel_values_BCHW"].to(ctx.device)
-        )
+        if out.actions_pred_BKA is not None:  # l1_parallel: the forward is already what inference outputs
+            tokens = processor.action_tokenizer.encode(out.actions_pred_BKA[:, 0].float().cpu().numpy())
+        else:
+            extra = {k: inputs[k].to(ctx.device) for k in ("proprio_BP", "image_mask_BN") if k in inputs}
+            generated = vla.predict_action_tokens(
+                processor.inference_prompts(batch["instruction"]),
+                inputs["pixel_values_BCHW"].to(ctx.device),
+                **extra,
+            )
+            tokens = generated.cpu().numpy()[:, : vla.config.action_dim]
     sums: dict[str, Any] = {}
     names, texts = batch["dataset_name"], batch["instruction"]
     accumulate(sums, action_metrics(out, processor.action_tokenizer, names, statistics, texts))
-    # greedy decoding yields one action per frame: compared with the frame's own (a chunk's first)
-    tokens = generated.cpu().numpy()
+    # the first action of what inference outputs, compared with the frame's own (a chunk's first)
     accumulate(
         sums,
         generated_metrics(

@@ -96,18 +96,37 @@ def action_metrics(
     normalization}, the run's norm_stats) the physical L1 is added, each frame unnormalized with its own
     dataset's statistics. Without dataset_names nothing is split (the cheap path for a one-dataset run).
     """
-    logits = out.logits_NV.detach().float()
-    sums = _core_sums(logits, out.labels_N, None, action_tokenizer)
-    # The model's own mean loss, weighted by its token count: what the optimizer saw.
+    if out.logits_NV is None:  # the l1_parallel head: supervised chunk steps are the rows
+        keep = out.action_mask_BK.to(torch.bool).cpu()
+        pred = out.actions_pred_BKA.detach().float().cpu()[keep].numpy()
+        true = out.actions_BKA.detach().float().cpu()[keep].numpy()
+        rows = keep.nonzero(as_tuple=True)[0].numpy()
+
+        def core(sel, stats=None, with_loss=True):
+            return _l1_core_sums(pred[sel], true[sel], action_tokenizer, stats)
+
+    else:
+        logits = out.logits_NV.detach().float()
+        rows = out.sample_index_N.cpu().numpy()
+        token_loss = None
+
+        def core(sel, stats=None, with_loss=True):
+            nonlocal token_loss
+            if token_loss is None and with_loss:
+                token_loss = F.cross_entropy(logits, out.labels_N, reduction="none")
+            if isinstance(sel, np.ndarray):
+                sel = torch.as_tensor(sel, device=logits.device)
+            loss = token_loss[sel] if with_loss else None
+            return _core_sums(logits[sel], out.labels_N[sel], loss, action_tokenizer, stats)
+
+    sums = core(slice(None), with_loss=False)
+    # The model's own mean loss, weighted by its count: what the optimizer saw.
     sums["loss_sum"] = float(out.loss.detach()) * sums["n_tok"]
     if dataset_names is not None:
-        token_loss = F.cross_entropy(logits, out.labels_N, reduction="none")
-        rows = out.sample_index_N.cpu().numpy()
         names = np.asarray(dataset_names, dtype=object)[rows] if len(rows) else np.asarray([], dtype=object)
         for name in sorted(set(names.tolist())):
-            sel = torch.as_tensor(names == name, device=logits.device)
             stats = statistics[name] if statistics is not None else None
-            part = _core_sums(logits[sel], out.labels_N[sel], token_loss[sel], action_tokenizer, stats)
+            part = core(names == name, stats)
             for k in [k for k in part if k in _OVER_DATASETS or k.startswith(("dim", "varying_"))]:
                 sums[k] = sums.get(k, 0) + part.pop(k)  # summed over datasets, not kept per dataset
             for k, v in part.items():
@@ -117,10 +136,32 @@ def action_metrics(
                 np.asarray(instructions, dtype=object)[rows] if len(rows) else np.asarray([], dtype=object)
             )
             for text in sorted(set(texts.tolist())):
-                sel = torch.as_tensor(texts == text, device=logits.device)
-                part = _core_sums(logits[sel], out.labels_N[sel], token_loss[sel], action_tokenizer)
+                part = core(texts == text)
                 for k, v in part.items():
                     sums[f"{TASK_PREFIX}{text}/{k}"] = v
+    return sums
+
+
+def _l1_core_sums(
+    pred_RA: np.ndarray, true_RA: np.ndarray, action_tokenizer: ActionTokenizer, statistics: dict | None
+) -> dict:
+    """The l1_parallel head's sums over R supervised chunk steps, under the token head's names: `correct`
+    counts the values that fall in the right one of the 256 bins (comparable with the token head's
+    accuracy), l1_sum the continuous normalized L1 (also the loss), l1_phys_sum the physical L1."""
+    abs_RA = np.abs(pred_RA - true_RA)
+    correct = action_tokenizer.encode(pred_RA) == action_tokenizer.encode(true_RA)
+    sums = {
+        "n_tok": int(abs_RA.size),
+        "n": int(abs_RA.size),
+        "correct": int(correct.sum()),
+        "l1_sum": float(abs_RA.sum()),
+        "loss_sum": float(abs_RA.sum()),
+    }
+    if statistics is not None and abs_RA.size:
+        stats, mode = statistics["action"], statistics.get("normalization", "bounds_q99")
+        phys = np.abs(unnormalize(pred_RA, stats, mode) - unnormalize(true_RA, stats, mode))
+        sums["l1_phys_sum"] = float(phys.sum())
+        sums.update(_per_dim_sums(correct, abs_RA, stats, ""))
     return sums
 
 

@@ -34,13 +34,14 @@ from vla_train.models.load import (
     WEIGHTS_FILE,
     build_from_config,
     build_on_meta,
-    load_model_dir,
+    load_with_layout,
     placeholder_weights,
+    run_layout,
     save_model_dir,
+    stored_layout,
 )
 from vla_train.models.openvla_format import is_openvla_dir
 from vla_train.models.peft import apply_lora, set_finetune_mode
-from vla_train.models.prompting import IGNORE_INDEX
 from vla_train.models.vla import VLA
 from vla_train.runs import (
     CONFIG_FILE,
@@ -297,15 +298,26 @@ def _load_model(cfg: TrainConfig, ctx: DistContext, run_dir: Path, datasets, nor
     converted on load) load it whole. Call on every rank."""
     t = cfg.training
     base_dir = base_model_dir(run_dir, cfg)
+    layout = run_layout(cfg.data, cfg.model, norm_stats)
     if ctx.is_main and not cfg.model.pretrained_dir and not (base_dir / "config.json").is_file():
-        built, built_processor = build_from_config(cfg.model, run_instructions(cfg, datasets), seed=t.seed)
+        instructions = run_instructions(cfg, datasets)
+        built, built_processor = build_from_config(cfg.model, instructions, seed=t.seed, layout=layout)
         save_model_dir(base_dir, built, built_processor, norm_stats)
         del built, built_processor
     long_barrier(ctx, cfg.data.stats_timeout_s)  # building from config first reads every instruction
-    on_meta = ctx.strategy == "fsdp" and not is_openvla_dir(base_dir)
+    # A base model without the run's layout (e.g. openvla-7b fine-tuned with l1_parallel) gets its new
+    # modules on every rank from the same seed; it is then loaded whole.
+    same_layout = stored_layout(base_dir) == layout
+    on_meta = ctx.strategy == "fsdp" and not is_openvla_dir(base_dir) and same_layout
     if ctx.strategy == "fsdp" and not on_meta and ctx.is_main:
-        print(f"{base_dir} is an OpenVLA-format checkpoint: every rank converts it whole, then shards it")
-    model, processor = build_on_meta(base_dir) if on_meta else load_model_dir(base_dir)
+        why = "an OpenVLA-format checkpoint" if is_openvla_dir(base_dir) else "a model of another layout"
+        print(f"{base_dir} is {why}: every rank loads it whole, then shards it")
+    if on_meta:
+        model, processor = build_on_meta(base_dir)
+    else:
+        model, processor, added = load_with_layout(base_dir, layout, t.seed)
+        if added and ctx.is_main:
+            print(f"{base_dir}: new modules {', '.join(added)} for the run's layout {layout}")
     model.config.norm_stats = norm_stats
     use_run_preprocessing(processor, cfg.data)
     torch.manual_seed(t.seed)  # the same adapter init on every rank
@@ -422,7 +434,7 @@ def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult:
     """
     ctx, vla = run.ctx, run.vla
     inputs = [model_inputs(run.processor, b) for b in micro_batches]
-    n_tok = [int((x["labels_BL"][:, 1:] != IGNORE_INDEX).sum()) for x in inputs]
+    n_tok = [run.processor.supervised_count(x) for x in inputs]
     n_tok_global, stop = all_reduce_sum([sum(n_tok), float(run.watcher.requested)], ctx)
     lr = run.optimizer.param_groups[0]["lr"]
     sums: dict[str, Any] = {}
@@ -438,7 +450,9 @@ def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult:
         names = b["dataset_name"] if len(run.norm_stats) > 1 else None
         accumulate(sums, action_metrics(out, run.processor.action_tokenizer, names))
         frames = len(b["instruction"])
-        tokens = int(x["attention_mask_BL"].sum()) + frames * vla.config.num_patches
+        tokens = int(x["attention_mask_BL"].sum()) + frames * vla.config.num_prefix_tokens
+        if "actions_BKA" in x:  # the l1_parallel head's slots
+            tokens += frames * vla.config.num_action_slots
         accumulate(sums, {"frames": frames, "tokens": tokens})
     grad_norm = clip_grad_norm(run.params, run.cfg.training.max_grad_norm)
     result = StepResult(sums, out.loss.item(), lr, grad_norm, stop=bool(stop))
