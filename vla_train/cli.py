@@ -262,32 +262,44 @@ def serve_main(argv: list[str] | None = None) -> None:
 
 def convert_main(argv: list[str] | None = None) -> None:
     """vla-convert raw SRC DST [--name NAME] [--val_fraction 0.1] [--image_format jpeg|png]
+    vla-convert lerobot SRC DST [--name NAME] [--primary_camera auto] [--wrist_camera auto] [--state_key auto]
+    vla-convert rlds-to-lerobot NAME DST --data.data_root_dir DIR [--data.registry_files [...]] [--fps N]
 
-    A folder of per-episode .npz / .hdf5 files -> an RLDS dataset written by our tfds builder and its
-    registry entry (vla_train/data/convert/raw.py has the layout); every problem of every file is reported
-    at once, and nothing is written then.
+    raw: a folder of per-episode .npz / .hdf5 files (vla_train/data/convert/raw.py has the layout); every
+    problem of every file is reported at once, and nothing is written then. lerobot: a local LeRobot v3.0
+    dataset (vla_train/data/convert/lerobot.py). Both write an RLDS dataset with our tfds builder and its
+    registry entry. rlds-to-lerobot: a registered RLDS dataset -> a LeRobot v3.0 dataset
+    (vla_train/data/convert/to_lerobot.py).
     """
+    from vla_train.config import ConvertLerobotConfig, ConvertRawConfig, RldsToLerobotConfig
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    kinds = ("raw",)
+    kinds = {
+        "raw": (ConvertRawConfig, ("src", "dst")),
+        "lerobot": (ConvertLerobotConfig, ("src", "dst")),
+        "rlds-to-lerobot": (RldsToLerobotConfig, ("data.dataset_name", "dst")),
+    }
     if not argv or argv[0] not in kinds:
-        _fail(
-            ValueError(f"vla-convert: name the source kind first, one of {kinds} (vla-convert raw SRC DST)")
-        )
-    rest = _underscored(argv[1:])  # argv[0] is the kind; raw is the only one so far
+        _fail(ValueError(f"vla-convert: name the kind first, one of {list(kinds)} (vla-convert raw SRC DST)"))
+    config_cls, names = kinds[argv[0]]
+    rest = _underscored(argv[1:])
     positional = []
     while rest and not rest[0].startswith("--") and len(positional) < 2:
         positional.append(rest.pop(0))
-    rest = [*(f"--{k}={v}" for k, v in zip(("src", "dst"), positional)), *rest]
-    from vla_train.config import ConvertRawConfig
-
-    cfg = _parsed(ConvertRawConfig, rest)
+    rest = [*(f"--{k}={v}" for k, v in zip(names, positional)), *rest]
+    cfg = _parsed(config_cls, rest)
     import json
 
-    from vla_train.data.convert.raw import convert_raw
     from vla_train.data.errors import DatasetError
 
+    if argv[0] == "raw":
+        from vla_train.data.convert.raw import convert_raw as convert
+    elif argv[0] == "lerobot":
+        from vla_train.data.convert.lerobot import convert_lerobot as convert
+    else:
+        from vla_train.data.convert.to_lerobot import rlds_to_lerobot as convert
     try:
-        result = convert_raw(cfg)
+        result = convert(cfg)
     except DatasetError as e:
         _fail(e)
     print(json.dumps(result, indent=2))

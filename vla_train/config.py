@@ -1109,11 +1109,16 @@ class ConvertRawConfig:
     state_encoding: str = "NONE"
 
     def validate(self) -> None:
+        errs = self.problems()
+        if errs:
+            raise ConfigError("invalid convert config:\n  " + "\n  ".join(errs))
+
+    def problems(self) -> list[str]:
         from vla_train.data.registry import ACTION_ENCODINGS, STATE_ENCODINGS
 
         errs = []
         if not self.src:
-            errs.append(_problem("src", "is required: the folder of episode files"))
+            errs.append(_problem("src", "is required: the folder to convert"))
         elif not Path(self.src).is_dir():
             errs.append(_problem("src", f"'{self.src}' is not a folder"))
         if not self.dst:
@@ -1128,8 +1133,64 @@ class ConvertRawConfig:
         errs += _one_of(self, "", "image_format", ("jpeg", "png"))
         errs += _one_of(self, "", "action_encoding", ("auto", *ACTION_ENCODINGS))
         errs += _one_of(self, "", "state_encoding", STATE_ENCODINGS)
+        return errs
+
+
+@dataclass
+class ConvertLerobotConfig(ConvertRawConfig):
+    # A local LeRobot v3.0 dataset folder (meta/info.json, data/, videos/; vla_train/data/convert/lerobot.py).
+    src: str = ""
+    # The primary camera: an observation.images.* feature (or the part after that prefix); auto = the first
+    # camera whose key does not contain 'wrist'.
+    primary_camera: str = "auto"
+    # The wrist camera: auto = a camera whose key contains 'wrist' (none if there is none); none = no wrist.
+    wrist_camera: str = "auto"
+    # The proprio vector: auto = observation.state when present; none = no state.
+    state_key: str = "auto"
+    # The action vector feature.
+    action_key: str = "action"
+    # How far (s) the nearest decoded frame may be from a row's timestamp (LeRobot's tolerance_s).
+    tolerance_s: float = 1e-4
+
+    def validate(self) -> None:
+        errs = self.problems()
+        for name in ("primary_camera", "action_key"):
+            if not getattr(self, name) or getattr(self, name) == "none":
+                errs.append(_problem(name, "is required (auto or a feature key)"))
+        if not 0 < self.tolerance_s < 1:
+            errs.append(_problem("tolerance_s", f"must be in (0, 1) seconds, got {self.tolerance_s}"))
         if errs:
             raise ConfigError("invalid convert config:\n  " + "\n  ".join(errs))
+
+
+@dataclass
+class RldsToLerobotConfig(StatsConfig):
+    # Folder to write the LeRobot v3.0 dataset into (meta/, data/, videos/); must not hold one already.
+    dst: str = ""
+    # Frames per second; 0 = the registry's control_frequency of the dataset.
+    fps: int = 0
+    # Video encoder: auto = libx264 (h264) if the PyAV build has it, else mpeg4; or libx264, mpeg4, libsvtav1.
+    codec: str = "auto"
+    # Constant rate factor of libx264 / libsvtav1 (lower = closer to the frames; 18 is near-transparent).
+    crf: int = 18
+    # Keyframe interval, frames (LeRobot's default 2 keeps random access cheap).
+    gop: int = 2
+
+    def validate(self) -> None:
+        errs = self.data.validate("data")
+        if not self.dst:
+            errs.append(_problem("dst", "is required: the folder to write the LeRobot dataset into"))
+        elif problem := writable_dir_problem(self.dst):
+            errs.append(_problem("dst", problem))
+        elif (Path(self.dst) / "meta" / "info.json").exists():
+            errs.append(_problem("dst", f"'{self.dst}' holds a LeRobot dataset already; choose another"))
+        errs += _at_least(self, "", 0, "fps", note="0 = the registry's control_frequency")
+        errs += _at_least(self, "", 1, "gop")
+        errs += _one_of(self, "", "codec", ("auto", "libx264", "mpeg4", "libsvtav1"))
+        if not 0 <= self.crf <= 51:
+            errs.append(_problem("crf", f"must be in 0..51, got {self.crf}"))
+        if errs:
+            raise ConfigError("invalid rlds-to-lerobot config:\n  " + "\n  ".join(errs))
 
 
 @dataclass

@@ -23,31 +23,24 @@ with `--data.data_root_dir DST --data.dataset_name <name> --data.registry_files 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from vla_train.config import ConvertRawConfig
+from vla_train.data.convert.episodes import (
+    Episode,
+    action_encoding,
+    registry_entry,
+    step_shapes,
+    val_keys,
+    write_rlds,
+)
 from vla_train.data.errors import DatasetError
-from vla_train.data.registry import DEFAULT_ACTION_DIM
-from vla_train.data.rlds_steps import step_flag_features, step_flags
 
-VERSION = "1.0.0"
 SUFFIXES = (".npz", ".hdf5", ".h5")
 ARRAY_KEYS = ("image", "wrist_image", "state", "action")
 KNOWN_KEYS = (*ARRAY_KEYS, "instruction", "control_frequency")
-# the encoding an action width names by itself (the registry's default widths, inverted)
-ENCODING_BY_DIM = {dim: encoding for encoding, dim in DEFAULT_ACTION_DIM.items()}
-
-
-@dataclass
-class Episode:
-    path: Path
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    instruction: str = ""
-    control_frequency: float | None = None
-    ignored: list[str] = field(default_factory=list)
 
 
 def _text(value) -> str | None:
@@ -133,10 +126,6 @@ def _array_problems(ep: Episode) -> list[str]:
     return problems
 
 
-def _shape_of(ep: Episode) -> dict[str, tuple]:
-    return {k: tuple(v.shape[1:]) for k, v in ep.arrays.items()}
-
-
 def check_episodes(src: Path) -> tuple[list[Episode], list[str]]:
     files = sorted(p for p in src.iterdir() if p.suffix in SUFFIXES) if src.is_dir() else []
     if not files:
@@ -150,9 +139,9 @@ def check_episodes(src: Path) -> tuple[list[Episode], list[str]]:
             good.append(ep)
     if good:  # every episode without problems of its own must look like the first of them
         first = good[0]
-        reference = _shape_of(first)
+        reference = step_shapes(first.arrays)
         for ep in good[1:]:
-            shapes = _shape_of(ep)
+            shapes = step_shapes(ep.arrays)
             for key in sorted(set(reference) | set(shapes)):
                 if reference.get(key) != shapes.get(key):
                     have = "absent" if key not in shapes else f"per-step shape {list(shapes[key])}"
@@ -161,118 +150,9 @@ def check_episodes(src: Path) -> tuple[list[Episode], list[str]]:
     return episodes, problems
 
 
-def _action_encoding(cfg: ConvertRawConfig, action_dim: int) -> str:
-    if cfg.action_encoding != "auto":
-        return cfg.action_encoding
-    if action_dim not in ENCODING_BY_DIM:
-        raise DatasetError(
-            f"actions have {action_dim} dimensions, which names no action encoding by itself; pass "
-            f"--action_encoding (one of {sorted(set(ENCODING_BY_DIM.values()))}; the action_dim is written too)"
-        )
-    return ENCODING_BY_DIM[action_dim]
-
-
-def _builder_class(name: str, episodes: list[Episode], image_format: str, val_names: set[str]):
-    from vla_train.data.tf_setup import tfds
-
-    first = episodes[0].arrays
-
-    def image(key: str):
-        return tfds.features.Image(shape=first[key].shape[1:], dtype=np.uint8, encoding_format=image_format)
-
-    observation = {k: image(k) for k in ("image", "wrist_image") if k in first}
-    if "state" in first:
-        observation["state"] = tfds.features.Tensor(shape=first["state"].shape[1:], dtype=np.float32)
-
-    class RawEpisodes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Episodes converted by vla-convert raw (vla_train/data/convert/raw.py)."""
-
-        VERSION = tfds.core.Version(VERSION)
-        RELEASE_NOTES = {str(VERSION): "Converted from per-episode files by vla-convert raw."}
-
-        def _info(self):
-            steps = {
-                "observation": tfds.features.FeaturesDict(observation),
-                "action": tfds.features.Tensor(shape=first["action"].shape[1:], dtype=np.float32),
-                "language_instruction": tfds.features.Text(),
-                **step_flag_features(tfds),
-            }
-            metadata = {
-                "file_path": tfds.features.Text(),
-                "control_frequency": tfds.features.Scalar(dtype=np.float32),
-            }
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description=f"'{name}': per-episode files converted by vla-convert raw.",
-                features=tfds.features.FeaturesDict(
-                    {
-                        "steps": tfds.features.Dataset(steps),
-                        "episode_metadata": tfds.features.FeaturesDict(metadata),
-                    }
-                ),
-            )
-
-        def _split_generators(self, dl_manager):
-            val = [ep for ep in episodes if ep.path.name in val_names]
-            train = [ep for ep in episodes if ep.path.name not in val_names]
-            return {"train": self._generate_examples(train), "val": self._generate_examples(val)}
-
-        def _generate_examples(self, split_episodes):
-            for ep in split_episodes:
-                yield ep.path.name, _example(ep)
-
-    RawEpisodes.name = name
-    return RawEpisodes
-
-
-def _example(ep: Episode) -> dict:
-    a = ep.arrays
-    T = len(a["action"])
-    steps = []
-    for t in range(T):
-        obs = {k: a[k][t] for k in ("image", "wrist_image") if k in a}
-        if "state" in a:
-            obs["state"] = a["state"][t].astype(np.float32)
-        steps.append(
-            {
-                "observation": obs,
-                "action": a["action"][t].astype(np.float32),
-                "language_instruction": ep.instruction,
-                **step_flags(t, T),
-            }
-        )
-    freq = -1.0 if ep.control_frequency is None else ep.control_frequency
-    return {"steps": steps, "episode_metadata": {"file_path": str(ep.path), "control_frequency": freq}}
-
-
-def registry_entry(name: str, episodes: list[Episode], encoding: str, state_encoding: str) -> dict:
-    first = episodes[0].arrays
-    entry = {
-        "image_obs_keys": {
-            "primary": "image",
-            "secondary": None,
-            "wrist": "wrist_image" if "wrist_image" in first else None,
-        },
-        "state_obs_keys": ["state"] if "state" in first else [None],
-        "state_encoding": state_encoding if "state" in first else "NONE",
-        "action_encoding": encoding,
-        "standardize_fn": "identity",
-        "version": VERSION,
-        "notes": f"Converted by vla-convert raw from {len(episodes)} episode files.",
-    }
-    if first["action"].shape[1] != DEFAULT_ACTION_DIM[encoding]:
-        entry["action_dim"] = int(first["action"].shape[1])
-    freqs = {ep.control_frequency for ep in episodes if ep.control_frequency is not None}
-    if len(freqs) == 1:
-        entry["control_frequency"] = freqs.pop()
-    return entry
-
-
 def convert_raw(cfg: ConvertRawConfig) -> dict:
     """Check every episode file of cfg.src, then write the tfds dataset and its registry entry to cfg.dst.
     Raises DatasetError listing every problem when any file is bad (nothing is written then)."""
-    import yaml
-
     src, dst = Path(cfg.src), Path(cfg.dst)
     name = cfg.name or dst.name
     episodes, problems = check_episodes(src)
@@ -283,33 +163,20 @@ def convert_raw(cfg: ConvertRawConfig) -> dict:
         raise DatasetError(
             f"{src}: {len(problems)} problem(s) in the episode files, nothing written:\n  {shown}"
         )
-    encoding = _action_encoding(cfg, episodes[0].arrays["action"].shape[1])
-    num_val = int(round(len(episodes) * cfg.val_fraction))
-    if cfg.val_fraction > 0 and len(episodes) > 1:
-        num_val = max(1, min(num_val, len(episodes) - 1))
-    rng = np.random.default_rng(cfg.seed)
-    val_names = {episodes[i].path.name for i in rng.permutation(len(episodes))[:num_val]}
-    out = dst / name / VERSION
-    if out.exists():
-        raise DatasetError(f"{out} exists already; remove it or choose another --dst or --name")
-    from vla_train.data.tf_setup import tfds
-
-    builder = _builder_class(name, episodes, cfg.image_format, val_names)(data_dir=str(dst))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    registry = dst / "registry.yaml"
-    entries = yaml.safe_load(registry.read_text()) if registry.is_file() else {}
-    entries = entries or {}
-    entries.setdefault("datasets", {})[name] = registry_entry(name, episodes, encoding, cfg.state_encoding)
-    registry.write_text(yaml.safe_dump(entries, sort_keys=False))
-    ignored = sorted({k for ep in episodes for k in ep.ignored})
+    shapes = step_shapes(episodes[0].arrays)
+    encoding = action_encoding(cfg.action_encoding, shapes["action"][0])
+    by_key = {ep.key: ep for ep in episodes}
+    val = val_keys(list(by_key), cfg.val_fraction, cfg.seed)
+    splits = {"train": [k for k in by_key if k not in val], "val": [k for k in by_key if k in val]}
+    freqs = {ep.control_frequency for ep in episodes if ep.control_frequency is not None}
+    notes = f"Converted by vla-convert raw from {len(episodes)} episode files."
+    entry = registry_entry(
+        shapes, encoding, cfg.state_encoding, freqs.pop() if len(freqs) == 1 else None, notes
+    )
+    written = write_rlds(dst, name, "raw", shapes, splits, by_key.__getitem__, cfg.image_format, entry)
     return {
-        "dataset": name,
-        "path": str(out),
-        "registry_file": str(registry),
-        "episodes": {"train": len(episodes) - len(val_names), "val": len(val_names)},
+        **written,
+        "episodes": {"train": len(splits["train"]), "val": len(splits["val"])},
         "frames": int(sum(len(ep.arrays["action"]) for ep in episodes)),
-        "ignored_keys": ignored,
-        "train_with": (
-            f"--data.data_root_dir {dst} --data.dataset_name {name} --data.registry_files [{registry}]"
-        ),
+        "ignored_keys": sorted({k for ep in episodes for k in ep.ignored}),
     }
