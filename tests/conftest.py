@@ -24,10 +24,17 @@ def small_synthetic(tmp_path_factory):
     return root, cfg
 
 
-# The longest test files first (minutes each, measured serially: e2e ~6.5, distributed ~5.5, faults ~2.5,
-# slurm ~1.7): `make test` hands whole files to two workers in this order (xdist's own reordering, by
-# test count, is off), so the long ones do not start last and leave one worker idle at the end.
-LONGEST_FIRST = ("test_e2e.py", "test_distributed.py", "test_faults.py", "test_slurm.py", "test_preflight.py")
+# The longest test files first (minutes each, measured serially: e2e ~6.5, distributed ~5.5, action_heads
+# ~5, faults ~2.5, slurm ~1.7): `make test` hands whole files to two workers in this order (xdist's own
+# reordering, by test count, is off), so the long ones do not start last and leave one worker idle at the end.
+LONGEST_FIRST = (
+    "test_e2e.py",
+    "test_distributed.py",
+    "test_action_heads.py",
+    "test_faults.py",
+    "test_slurm.py",
+    "test_preflight.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -155,6 +155,9 @@ def test_a_pretrained_token_model_becomes_an_l1_parallel_one(tmp_path):
     for name, p in a.state_dict().items():
         assert torch.equal(b.state_dict()[name], p), name
     assert stored_layout(tmp_path / "base")["action_head"] == "tokens"
+    wrist = {**layout, "action_head": "tokens", "proprio_dim": 0}
+    c, proc_c, added = load_with_layout(tmp_path / "base", wrist, seed=5)  # no new module, new inputs
+    assert added == [] and proc_c.cameras == ("primary", "wrist") and c.config.chunk_size == 4
     with pytest.raises(ValueError, match="l1_parallel head predicts chunks of 4"):
         a.set_layout({**layout, "chunk_size": 8})
 
@@ -185,6 +188,27 @@ def test_a_chunk_is_executed_open_loop_then_the_model_is_asked_again():
         per = execute or 4
         assert got[:per] == [10 + i for i in range(per)]  # the first chunk, step by step
         assert got[per] == 20  # then the next query's first action
+        policy.act([obs], ["x"], [trial], [10])
+        assert policy.last_query_size == (1 if 10 % per == 0 else 0)  # the model is asked only when due
+    with pytest.raises(ValueError, match="execute_steps: 5 is more than the 4 actions"):
+        ModelPolicy(Fake(), "d", execute_steps=5)
+
+
+def test_lora_leaves_the_new_modules_whole():
+    from vla_train.config import LoraConfig
+    from vla_train.models.peft import apply_lora, lora_targets
+
+    model, _ = tiny("l1_parallel")
+    named = lora_targets(model, LoraConfig(enabled=True, target_modules=["all-linear", "fc1", "fc2"]))
+    assert named and not [t for t in named if t.startswith(("action_head", "proprio_projector"))]
+    with pytest.raises(ValueError, match="already train whole under LoRA"):
+        lora_targets(model, LoraConfig(enabled=True, modules_to_save=["action_head"]))
+    peft_model = apply_lora(model, LoraConfig(enabled=True, rank=4), "cpu")
+    trainable = {
+        n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters() if p.requires_grad
+    }
+    assert {"action_slots", "action_head.model.fc1.weight", "proprio_projector.fc2.bias"} <= trainable
+    assert not [n for n in trainable if "lm_head" in n]  # unused by the l1 head: frozen (DDP needs it)
 
 
 @pytest.mark.slow
@@ -245,3 +269,57 @@ def test_l1_parallel_with_lora_chunks_proprio_and_two_cameras_trains_resumes_and
 
 def json_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_turn_a_pretrained_token_model_into_l1_parallel_as_one_process_does(
+    small_synthetic, tmp_path
+):
+    """model.pretrained_dir = a token model, model.action_head l1_parallel with chunks and proprio: the
+    new modules are made from the seed on every rank, the model is loaded whole and sharded (FSDP2, 2
+    processes on gloo), and the losses match a one-process run of the same global batch."""
+    from test_distributed import LOSS_ATOL, ok
+
+    from vla_test_utils import run_cli
+    from vla_test_utils import torchrun as launch
+    from vla_train.models.load import save_model_dir
+
+    root, _ = small_synthetic
+    base, processor = tiny("tokens", layout=None)
+    save_model_dir(tmp_path / "base", base, processor, STATS)
+    extra = [
+        "--model.pretrained_dir", str(tmp_path / "base"), "--model.action_head", "l1_parallel",
+        "--model.use_proprio", "true", "--model.attn_implementation", "sdpa",
+        "--data.future_action_window_size", "3", "--lora.enabled", "false", "--training.max_steps", "6",
+        "--training.data_sharding", "batch_slice", "--training.num_val_frames", "8",
+    ]  # fmt: skip
+    ok(run_cli("train_main", *tiny_args(root, tmp_path, "single", *extra), timeout=300))
+    single = train_losses(tmp_path / "single")
+    assert sorted(single) == list(range(1, 7)) and single[6] < single[1]
+    for strategy in ("ddp", "fsdp"):  # DDP: the unused LM head is frozen, or DDP would refuse the step
+        proc = ok(
+            launch(
+                "-m",
+                "vla_train.cli",
+                *tiny_args(root, tmp_path, strategy, *extra, "--distributed.strategy", strategy),
+                nproc=2,
+                timeout=300,
+            )  # fmt: skip
+        )
+        if strategy == "fsdp":
+            assert "a model of another layout: every rank loads it whole, then shards it" in proc.stdout
+        losses = train_losses(tmp_path / strategy)
+        assert sorted(losses) == sorted(single)
+        assert max(abs(single[s] - losses[s]) for s in single) <= LOSS_ATOL, (strategy, single, losses)
+
+
+def test_vla_serve_refuses_a_chunk_model_with_what_it_has():
+    from vla_train.config import ServeConfig
+    from vla_train.models.policy import VLAPolicy
+    from vla_train.serving.server import PolicyService
+
+    model, processor = tiny("l1_parallel")
+    with pytest.raises(
+        ValueError, match=r"chunks of 4, cameras \['primary', 'wrist'\], proprio \(3 values\)"
+    ):
+        PolicyService(VLAPolicy(model, processor), ServeConfig(policy="unused"))

@@ -220,7 +220,13 @@ def eval_main(argv: list[str] | None = None) -> None:
     trials = make_trials(cfg, cfg.seed_split, cfg.first_seed, seeds)
     meta = {"policy": meta, "seed_split": cfg.seed_split, "tasks_spec": cfg.tasks}
     summary = evaluate_closed_loop(
-        policy, cfg, out, render_for(cfg, data_root), trials, meta, progress_bar=cfg.progress_bar
+        policy,
+        cfg,
+        out,
+        render_for(cfg, data_root, getattr(policy, "cameras", ())),
+        trials,
+        meta,
+        progress_bar=cfg.progress_bar,
     )
     print((out / "results.md").read_text(), end="")
     print(json.dumps({"out": str(out), "success_rate": summary["success_rate"]}))

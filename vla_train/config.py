@@ -366,7 +366,7 @@ class ModelConfig:
                 _problem(
                     f"{prefix}.attn_implementation",
                     "flash_attention_2 cannot take the l1_parallel head's attention mask (slots attend to "
-                    "each other both ways); use sdpa, eager or auto",
+                    "each other both ways); use sdpa, eager or auto (which picks sdpa for this head)",
                 )
             )
         if self.llm_num_kv_heads and self.llm_num_heads % self.llm_num_kv_heads:

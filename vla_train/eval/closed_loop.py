@@ -31,14 +31,15 @@ def policy_threads(num_workers: int):
         torch.set_num_threads(before)
 
 
-def render_for(cfg: RolloutConfig, data_root_dir: str = "") -> RenderSettings:
-    """The rendering of the training data (when known), overridden by cfg's non-default fields."""
+def render_for(cfg: RolloutConfig, data_root_dir: str = "", cameras=()) -> RenderSettings:
+    """The rendering of the training data (when known), overridden by cfg's non-default fields; the wrist
+    camera too when the policy reads it (`cameras`)."""
     recorded = recorded_render_settings(data_root_dir) if data_root_dir else None
     base = recorded or RenderSettings()
     return RenderSettings(
         image_size=cfg.image_size or base.image_size,
         msaa_samples=base.msaa_samples if cfg.msaa_samples < 0 else cfg.msaa_samples,
-        wrist=base.wrist,
+        wrist=base.wrist or "wrist" in cameras,
     )
 
 
@@ -102,9 +103,9 @@ class TrainingRollouts:
     """The trainer's rollouts every eval.rollouts_every steps: the same trials each round (the val seed
     range, so that the eval range stays held out), simulator workers started once and kept."""
 
-    def __init__(self, cfg, data_root_dir: str):
+    def __init__(self, cfg, data_root_dir: str, cameras=()):
         self.cfg = cfg
-        self.render = render_for(cfg, data_root_dir)
+        self.render = render_for(cfg, data_root_dir, cameras)
         self.trials = make_trials(cfg, "val")
         self.workers: SimWorkers | None = None
 

@@ -36,9 +36,16 @@ class ModelPolicy:
             self.unnorm_key = None  # the only dataset, or a clear error from VLAPolicy
         config = vla_policy.model.config
         self.action_dim, self.chunk_size = config.action_dim, config.chunk_size
-        self.execute_steps = min(execute_steps or config.chunk_size, config.chunk_size)
+        if execute_steps > config.chunk_size:
+            raise ValueError(
+                f"execute_steps: {execute_steps} is more than the {config.chunk_size} actions this model "
+                "predicts per query (0 = all of them)"
+            )
+        self.execute_steps = execute_steps or config.chunk_size
+        self.cameras = vla_policy.processor.cameras  # what the simulator must render
         self.queues: dict[tuple, list[np.ndarray]] = {}
-        self.queries = 0  # forward passes' frames: one per executed chunk
+        self.queries = 0  # frames the model saw: one per executed chunk
+        self.last_query_size = 0  # frames of the last act() that went to the model
 
     def _frames(self, observations, key: str) -> np.ndarray:
         from vla_train.data.image_ops import resize_uint8
@@ -48,8 +55,8 @@ class ModelPolicy:
         for o in observations:
             if key not in o["frames"]:
                 raise ValueError(
-                    f"the policy reads the {key} camera, which the simulator does not render: "
-                    "generate and evaluate with the wrist camera (vla-data metaworld --wrist true)"
+                    f"the policy reads the {key} camera, which the simulator does not render (only the "
+                    "primary and, for a model that reads it, the wrist camera are)"
                 )
             frame = o["frames"][key]
             # the training pipeline's own resize (lanczos3, antialiased), so the model sees frames as in training
@@ -77,6 +84,7 @@ class ModelPolicy:
             if step == 0:
                 self.queues.pop(key, None)  # a new trial (or the same one again)
         need = [i for i, key in enumerate(keys) if not self.queues.get(key)]
+        self.last_query_size = len(need)
         if need:
             chunks = self._query([observations[i] for i in need], [instructions[i] for i in need])
             for i, chunk in zip(need, chunks):

@@ -212,8 +212,10 @@ def run_trials(
             [active[w].trial for w in batch],
             [active[w].signals.num_steps for w in batch],
         )
-        if policy.needs_frames:
-            calls.append({"batch": len(batch), "seconds": time.perf_counter() - started})
+        # a chunk policy asks the model only when a trial's chunk is used up: count those frames
+        asked = getattr(policy, "last_query_size", len(batch))
+        if policy.needs_frames and asked:
+            calls.append({"batch": asked, "seconds": time.perf_counter() - started})
         for w, action in zip(batch, actions):
             # the next frame is rendered only when someone looks at it
             conns[w].send(("step", action, policy.needs_frames or active[w].record))

@@ -14,6 +14,7 @@ the weights file with positional reads, so a process holds only the rows it aske
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -34,10 +35,13 @@ from vla_train.models.vla import VLA, VLAConfig
 WEIGHTS_FILE = "model.safetensors"
 
 
-def resolve_attn_implementation(name: str) -> str:
-    """`auto`: flash-attn when it is installed and CUDA is up, else PyTorch SDPA."""
+def resolve_attn_implementation(name: str, action_head: str = "tokens") -> str:
+    """`auto`: flash-attn when it is installed and CUDA is up, else PyTorch SDPA (always SDPA for the
+    l1_parallel head, whose attention mask flash-attn cannot take)."""
     if name != "auto":
         return name
+    if action_head == "l1_parallel":
+        return "sdpa"
     import importlib.util
 
     if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
@@ -85,16 +89,21 @@ def vla_config_from(model_cfg: ModelConfig, tokenizer, layout: dict | None = Non
         action_dim=m.action_dim,
         n_action_bins=m.n_action_bins,
         llm_max_length=m.max_length,
-        attn_implementation=resolve_attn_implementation(m.attn_implementation),
+        attn_implementation=resolve_attn_implementation(m.attn_implementation, m.action_head),
         **{"action_head": m.action_head, "head_hidden_size": m.head_hidden_size, **(layout or {})},
     )
 
 
 def make_processor(config: VLAConfig, tokenizer, center_crop_area: float = 1.0) -> VLAProcessor:
-    settings = ProcessorSettings(
-        config.image_size, center_crop_area, config.llm_max_length - config.num_prefix_tokens
-    )
+    settings = ProcessorSettings(config.image_size, center_crop_area, prompt_max_length(config))
     return processor_for(config, tokenizer, settings)
+
+
+def prompt_max_length(config: VLAConfig) -> int:
+    """The longest prompt (with its action tokens) the model's context leaves room for: its length minus
+    the image/proprio tokens (and the l1_parallel head's placeholders)."""
+    slots = config.num_action_slots if config.action_head == "l1_parallel" else 0
+    return config.llm_max_length - config.num_prefix_tokens - slots
 
 
 def processor_for(config: VLAConfig, tokenizer, settings: ProcessorSettings) -> VLAProcessor:
@@ -154,9 +163,13 @@ def load_with_layout(
     model, processor = load_model_dir(directory, device)
     torch.manual_seed(seed)
     added = model.set_layout(layout)
-    if added or processor.action_head != model.config.action_head:
+    if added:
         model.to(device)
-        processor = processor_for(model.config, processor.tokenizer, processor.settings)
+    c = model.config
+    inputs = (c.action_head, tuple(c.cameras), c.proprio_dim)
+    if (processor.action_head, processor.cameras, processor.proprio_dim) != inputs:
+        settings = dataclasses.replace(processor.settings, max_length=prompt_max_length(c))
+        processor = processor_for(c, processor.tokenizer, settings)
     return model, processor, added
 
 

@@ -18,9 +18,13 @@ UNUSED_PARAMETERS = ("mask_token",)
 
 
 def freeze_unused(model: nn.Module) -> None:
-    """Freeze the parameters the forward never reads (UNUSED_PARAMETERS)."""
+    """Freeze the parameters the forward never reads (UNUSED_PARAMETERS; the LM head, and any adapter on
+    it, of an l1_parallel model, which regresses actions instead of predicting tokens)."""
+    heads = {getattr(getattr(m, "config", None), "action_head", None) for m in model.modules()}
     for name, p in model.named_parameters():
         if name.rpartition(".")[2] in UNUSED_PARAMETERS:
+            p.requires_grad_(False)
+        elif "l1_parallel" in heads and ("lm_head." in name or name.endswith("lm_head")):
             p.requires_grad_(False)
 
 
@@ -39,9 +43,11 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def train_new_modules(model: nn.Module) -> None:
-    """The NEW_MODULES (VLA.add_missing_modules) always train, whole, in every mode."""
+    """The NEW_MODULES (VLA.add_missing_modules) always train, whole, in every mode, with fp32 master
+    weights (even in a bf16 checkpoint)."""
     for name, p in model.named_parameters():
         if _is_new_module(name.removeprefix("base_model.model.")):
+            p.data = p.data.float()
             p.requires_grad_(True)
 
 
@@ -72,8 +78,13 @@ def lora_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
         if m not in modules:
             top = sorted(n for n in modules if n and "." not in n)
             raise ValueError(f"lora.modules_to_save entry '{m}' is no module of the model; top level: {top}")
+        if _is_new_module(m):
+            raise ValueError(
+                f"lora.modules_to_save entry '{m}': the new modules ({', '.join(NEW_MODULES)}) already "
+                "train whole under LoRA; remove it"
+            )
         targets = {t for t in targets if not _is_under(t, m)}
-    return sorted(targets)
+    return sorted(t for t in targets if not _is_new_module(t))  # the new modules train whole
 
 
 def quantized_layers(model: nn.Module, cfg: LoraConfig) -> list[str]:

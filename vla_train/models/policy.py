@@ -70,7 +70,9 @@ class VLAPolicy:
         normalized = np.zeros((len(keys), self.processor.proprio_dim), np.float32)
         for key, s in stats.items():
             rows = np.asarray([k == key for k in keys])
-            width = len(s["proprio"]["q01"])
+            width = len((s.get("proprio") or {}).get("q01", []))
+            if not width:  # a dataset without proprio: zeros, as in training
+                continue
             normalized[rows, :width] = normalize(
                 raw[rows, :width], s["proprio"], s.get("normalization", "bounds_q99")
             )

@@ -219,9 +219,9 @@ class VLAProcessor:
         if action_pad_mask_BT is None:
             mask = np.ones(a.shape[:2], bool)
         else:
-            mask = np.asarray(action_pad_mask_BT, bool)
+            mask = np.array(action_pad_mask_BT, bool)  # a copy: tf.data's arrays are read-only
         return {
-            "actions_BKA": torch.from_numpy(np.ascontiguousarray(a)),
+            "actions_BKA": torch.from_numpy(np.array(a)),
             "action_mask_BK": torch.from_numpy(mask),
         }
 

@@ -275,16 +275,31 @@ class VLA(nn.Module):
                 f"this model has the {current['action_head']} head; it cannot become {layout['action_head']}"
             )
         if current["proprio_dim"] and "proprio_dim" in changed:
-            raise ValueError(
-                f"this model reads proprio of width {current['proprio_dim']}, the run's data has {layout['proprio_dim']}"
+            fix = (
+                "set model.use_proprio true" if not layout["proprio_dim"] else "train on proprio of its width"
             )
-        if current["action_head"] == "l1_parallel" and {"chunk_size", "head_hidden_size"} & set(changed):
             raise ValueError(
-                f"this model's l1_parallel head predicts chunks of {c.chunk_size}; the run asks for "
-                f"{layout.get('chunk_size')}: use the same data.future_action_window_size"
+                f"this model reads proprio of width {current['proprio_dim']}, the run gives "
+                f"{layout['proprio_dim']}: {fix}"
             )
+        if current["action_head"] == "l1_parallel":
+            if not layout.get("head_hidden_size"):  # 0 = the model's own
+                changed.pop("head_hidden_size", None)
+            if "head_hidden_size" in changed:
+                raise ValueError(
+                    f"this model's l1_parallel head is {c.head_hidden_size or 'LLM'} wide; the run asks for "
+                    f"{layout['head_hidden_size']}: leave model.head_hidden_size 0"
+                )
+            if "chunk_size" in changed:
+                raise ValueError(
+                    f"this model's l1_parallel head predicts chunks of {c.chunk_size}; the run asks for "
+                    f"{layout['chunk_size']}: set data.future_action_window_size {c.chunk_size - 1}"
+                )
         for k, v in changed.items():
             setattr(c, k, v)
+        if c.action_head == "l1_parallel" and c.attn_implementation == "flash_attention_2":
+            self.language_model.set_attn_implementation("sdpa")  # flash-attn cannot take its mask
+            c.attn_implementation = "sdpa"
         return self.add_missing_modules()
 
     # ---- structure, for parallelism -------------------------------------------------------------

@@ -114,7 +114,22 @@ class PolicyService:
 
     def __init__(self, policy, cfg: ServeConfig):
         self.policy, self.cfg = policy, cfg
-        stats = policy.model.config.norm_stats
+        c = policy.model.config
+        extras = [
+            what
+            for what, on in (
+                (f"chunks of {c.chunk_size}", c.chunk_size > 1),
+                (f"cameras {list(c.cameras)}", list(c.cameras) != ["primary"]),
+                (f"proprio ({c.proprio_dim} values)", c.proprio_dim > 0),
+            )
+            if on
+        ]
+        if extras:  # the wire format and the safety layer take one frame and return one action
+            raise ValueError(
+                f"policy: vla-serve serves models of one camera that return one action; this one has "
+                f"{', '.join(extras)}. Run it in-process (VLAPolicy.predict_action) for now"
+            )
+        stats = c.norm_stats
         self.datasets = sorted(stats)
         if cfg.unnorm_key and cfg.unnorm_key not in stats:
             raise ValueError(

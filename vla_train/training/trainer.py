@@ -603,7 +603,7 @@ def _rollouts(run: Run) -> None:
         from vla_train.eval.closed_loop import TrainingRollouts
 
         if run.rollouts is None:
-            run.rollouts = TrainingRollouts(e, run.cfg.data.data_root_dir)
+            run.rollouts = TrainingRollouts(e, run.cfg.data.data_root_dir, run.cfg.data.cameras)
         with run.stream.paused():  # the data pipeline's threads would starve the policy's (see stream.py)
             metrics = run.rollouts.evaluate(
                 run.vla, run.processor, run.run_dir / "rollouts" / f"step_{run.step:08d}"
