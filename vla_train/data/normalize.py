@@ -57,6 +57,25 @@ def normalize(x: np.ndarray, stats: dict, mode: str, mask: list[bool] | None = N
     return out.astype(f32)
 
 
+def normalize_proprio_batch(
+    proprio: np.ndarray, dataset_names: list[str], statistics: dict[str, Any], mode: str
+) -> np.ndarray:
+    """Normalize each frame's proprio ([B, P] or a window [B, W, P]) with its dataset's proprio
+    statistics, as actions are (every dimension; a mixture's zero padding beyond a dataset's own width
+    stays 0). A dataset without proprio gives zeros."""
+    x = np.asarray(proprio, np.float32)
+    out = np.zeros_like(x)
+    per_dataset = "action" not in statistics  # {dataset: stats} (mixture.is_per_dataset)
+    for name in sorted(set(dataset_names)):
+        stats = (statistics[name] if per_dataset else statistics).get("proprio") or {}
+        width = len(stats.get("q01", []))
+        if not width:
+            continue
+        rows = np.asarray([n == name for n in dataset_names])
+        out[rows, ..., :width] = normalize(x[rows, ..., :width], stats, mode)
+    return out
+
+
 def unnormalize(
     a: np.ndarray, stats: dict, mode: str = "bounds_q99", mask: list[bool] | None = None
 ) -> np.ndarray:

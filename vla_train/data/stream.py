@@ -26,7 +26,7 @@ from vla_train.data import image_ops
 from vla_train.data.augment import augment_params
 from vla_train.data.errors import read_errors_named
 from vla_train.data.mixture import is_per_dataset
-from vla_train.data.normalize import normalize
+from vla_train.data.normalize import normalize, normalize_proprio_batch
 from vla_train.data.pipeline import StreamStart, build_tf_dataset, shuffle_block_size
 
 _END = object()  # FrameStream's producer: the stream has ended
@@ -96,25 +96,6 @@ def normalize_batch(
         for i, name in enumerate(names):
             past_end = ~np.asarray(action_pad_mask[i], bool)  # [F+1]
             out[i][np.ix_(past_end, masks[name])] = 0.0
-    return out
-
-
-def normalize_proprio_batch(
-    proprio: np.ndarray, dataset_names: list[str], statistics: dict[str, Any], mode: str
-) -> np.ndarray:
-    """Normalize each frame's proprio ([B, P] or a window [B, W, P]) with its dataset's proprio
-    statistics, as actions are (every dimension; a mixture's zero padding beyond a dataset's own width
-    stays 0). A dataset without proprio gives zeros."""
-    x = np.asarray(proprio, np.float32)
-    out = np.zeros_like(x)
-    per_dataset = is_per_dataset(statistics)
-    for name in sorted(set(dataset_names)):
-        stats = (statistics[name] if per_dataset else statistics).get("proprio") or {}
-        width = len(stats.get("q01", []))
-        if not width:
-            continue
-        rows = np.asarray([n == name for n in dataset_names])
-        out[rows, ..., :width] = normalize(x[rows, ..., :width], stats, mode)
     return out
 
 

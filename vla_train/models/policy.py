@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla_train.data.normalize import normalize, unnormalize
+from vla_train.data.normalize import normalize_proprio_batch, unnormalize
 from vla_train.models.processor import VLAProcessor
 from vla_train.models.vla import VLA
 
@@ -67,16 +67,11 @@ class VLAPolicy:
             )
         raw = np.asarray(proprio, np.float32)
         raw = raw[:, -1] if raw.ndim == 3 else raw  # a proprio window: the current step
-        normalized = np.zeros((len(keys), self.processor.proprio_dim), np.float32)
-        for key, s in stats.items():
-            rows = np.asarray([k == key for k in keys])
-            width = len((s.get("proprio") or {}).get("q01", []))
-            if not width:  # a dataset without proprio: zeros, as in training
-                continue
-            normalized[rows, :width] = normalize(
-                raw[rows, :width], s["proprio"], s.get("normalization", "bounds_q99")
-            )
-        return self.processor.proprio_input(normalized)
+        # zero-padded to the model's width, as a mixture pads a narrower dataset's proprio in training
+        padded = np.zeros((len(keys), max(self.processor.proprio_dim, raw.shape[1])), np.float32)
+        padded[:, : raw.shape[1]] = raw
+        mode = next(iter(stats.values())).get("normalization", "bounds_q99")  # one per run
+        return self.processor.proprio_input(normalize_proprio_batch(padded, keys, stats, mode))
 
     @torch.no_grad()
     def predict_tokens(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vla_train.models.action_tokenizer import ActionTokenizer
-from vla_train.models.prompting import IGNORE_INDEX, PromptBuilder
+from vla_train.models.prompting import IGNORE_INDEX, PromptBuilder, pad_prompts
 from vla_train.models.vision import DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD
 
 PROCESSOR_FILE = "processor_config.json"
@@ -205,11 +205,7 @@ class VLAProcessor:
                 f"a prompt has {L} tokens, more than the model's max_length {self.settings.max_length}; "
                 "shorten the instruction or raise model.max_length"
             )
-        ids = torch.full((len(prompts), L), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), L), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p)
-            mask[b, : len(p)] = 1
+        ids, mask = pad_prompts(prompts, self.tokenizer.pad_token_id)
         return {"input_ids_BL": ids, "attention_mask_BL": mask}
 
     @staticmethod

@@ -11,8 +11,22 @@ Image patch embeddings are inserted by the model right after BOS, not here.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 IGNORE_INDEX = -100
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, left: bool = False, device=None):
+    """(ids, attention mask) [B, L] of token-id lists of different lengths, padded on the right (or, for
+    greedy decoding, on the left, so that every row's next token is at the end)."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        cols = slice(L - len(p), L) if left else slice(0, len(p))
+        ids[b, cols] = torch.tensor(p, device=device)
+        mask[b, cols] = 1
+    return ids, mask
 
 
 def prompt_text(instruction: str) -> str:

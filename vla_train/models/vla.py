@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_train.models.prompting import IGNORE_INDEX
+from vla_train.models.prompting import IGNORE_INDEX, pad_prompts
 from vla_train.models.vision import DinoSigLIPBackbone, FusedMLPProjector, dino_config, siglip_config
 
 
@@ -471,14 +471,8 @@ class VLA(nn.Module):
             raise ValueError(
                 "predict_actions is the l1_parallel head's; the token head decodes: predict_action_tokens"
             )
-        device = pixel_values_BCHW.device
-        L = max(len(p) for p in prompt_ids)
-        self._check_context(L)
-        ids = torch.full((len(prompt_ids), L), self.config.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(prompt_ids):
-            ids[b, : len(p)] = torch.tensor(p, device=device)
-            mask[b, : len(p)] = 1
+        self._check_context(max(len(p) for p in prompt_ids))
+        ids, mask = pad_prompts(prompt_ids, self.config.pad_token_id, device=pixel_values_BCHW.device)
         return self._l1_parallel(ids, mask, pixel_values_BCHW, proprio_BP, image_mask_BN)
 
     @torch.no_grad()
@@ -499,11 +493,7 @@ class VLA(nn.Module):
         B, L = len(prompt_ids), max(len(p) for p in prompt_ids)
         self._check_context(L)
         pad = self.config.pad_token_id
-        ids = torch.full((B, L), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((B, L), dtype=torch.long, device=device)
-        for b, p in enumerate(prompt_ids):
-            ids[b, L - len(p) :] = torch.tensor(p, device=device)
-            mask[b, L - len(p) :] = 1
+        ids, mask = pad_prompts(prompt_ids, pad, left=True, device=device)
         # Left padding puts BOS at a different column per row; build the sequence row-wise instead.
         text_BLD = self.language_model.get_input_embeddings()(ids)
         prefix_BPD, prefix_mask = self._prefix(pixel_values_BCHW, proprio_BP, image_mask_BN, text_BLD.dtype)
