@@ -7,6 +7,8 @@ Variants:
   a  the token head, one action per query (OpenVLA; the run of scripts/bench_metaworld.py, runs/metaworld_cpu)
   b  the token head with chunks of 8 (data.future_action_window_size 7), executed open loop
   c  model.action_head l1_parallel with chunks of 8, executed open loop (OpenVLA-OFT's parallel decoding)
+  c4 variant c's model, 4 of each chunk's 8 actions executed before the next query (vla-eval
+     --execute_steps 4): a shorter open-loop horizon, twice the queries
 
 Each variant trains its run (reused when it has finished; resumed when it has not), exports its last
 checkpoint and evaluates it with vla-eval on the eval seed range (--trials per task; a variant's existing
@@ -44,6 +46,8 @@ VARIANTS = {
         ["--model.action_head", "l1_parallel", "--data.future_action_window_size", "7"],
     ),
 }
+VARIANTS["c4"] = (VARIANTS["c"][0], "l1_parallel, chunks of 8, 4 executed per query", VARIANTS["c"][2])
+EXECUTE_STEPS = {"c4": 4}  # actions of each chunk executed before the next query (default: all)
 TASK_ORDER = "reach / push / pick-place / door-open / drawer-open / drawer-close / button-press-topdown / peg-insert-side / window-open / window-close"
 
 
@@ -85,22 +89,24 @@ def train(bin_dir: Path, run_id: str, overrides: list[str]) -> dict:
     }
 
 
-def evaluate(bin_dir: Path, run_id: str, trials: int, reuse: bool) -> dict:
+def evaluate(bin_dir: Path, run_id: str, trials: int, reuse: bool, execute_steps: int = 0) -> dict:
     run_dir = REPO / "runs" / run_id
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     last = ckpts[-1]
     step = json.loads((last / "state.json").read_text())["step"]
     export_dir = run_dir / "bench_exports" / f"step_{step}"
-    out = run_dir / "bench_eval" / f"step_{step}"
+    out = run_dir / "bench_eval" / (f"step_{step}_exec{execute_steps}" if execute_steps else f"step_{step}")
     results_file = out / "results.json"
     reused = (
         reuse and results_file.is_file() and json.loads(results_file.read_text())["num_trials"] == 10 * trials
     )
     if not reused:
-        run([str(bin_dir / "vla-export"), "--run_dir", str(run_dir), "--checkpoint", str(last),
-             "--output_dir", str(export_dir)])  # fmt: skip
+        if not (export_dir / "config.json").is_file():
+            run([str(bin_dir / "vla-export"), "--run_dir", str(run_dir), "--checkpoint", str(last),
+                 "--output_dir", str(export_dir)])  # fmt: skip
         run([str(bin_dir / "vla-eval"), "--policy", str(export_dir), "--tasks", "mt10", "--trials", str(trials),
-             "--out", str(out), "--data_root_dir", "data_cache", "--progress_bar", "false"])  # fmt: skip
+             "--out", str(out), "--data_root_dir", "data_cache", "--progress_bar", "false",
+             "--execute_steps", str(execute_steps)])  # fmt: skip
     r = json.loads(results_file.read_text())
     return {
         "step": step,
@@ -167,7 +173,7 @@ def speed(v: str, calls: int) -> dict:
         "action_head": c.action_head,
         "chunk_size": c.chunk_size,
         "call_ms_p50": round(1000 * median, 2),
-        "actions_per_s": round(c.chunk_size / median, 1),
+        "actions_per_s": round((EXECUTE_STEPS.get(v) or c.chunk_size) / median, 1),
         "queries_per_s": round(1 / median, 2),
     }
 
@@ -197,7 +203,9 @@ def main() -> None:
         entry: dict = {"label": label, "overrides": overrides}
         if v in (args.train.split(",") if args.train else [v]):
             entry["train"] = train(bin_dir, run_id, overrides)
-            entry["eval"] = e = evaluate(bin_dir, run_id, args.trials, args.reuse_eval)
+            entry["eval"] = e = evaluate(
+                bin_dir, run_id, args.trials, args.reuse_eval, EXECUTE_STEPS.get(v, 0)
+            )
             t = entry["train"]
             tasks = " / ".join(f"{100 * r:.0f}" for r in e["per_task"].values())
             low, high = e["success_95ci"]

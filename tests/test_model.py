@@ -67,6 +67,33 @@ def test_logits_only_at_supervised_positions(built):
     torch.testing.assert_close(out.logits_NV[:8], full[0, pos].float(), rtol=1e-4, atol=1e-4)
 
 
+def test_labelled_positions_loss_equals_the_full_logits_loss(built):
+    """VLA.forward projects only the labelled positions through the LM head: its loss is the causal LM's
+    loss over logits at every position (transformers' shifted cross-entropy), and its predictions (the
+    argmax, what accuracy and validation use) are those of the full logits, in train and eval mode."""
+    from vla_train.models.prompting import IGNORE_INDEX
+
+    model, proc = built
+    _, inputs = batch(proc)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        out = model(**inputs)
+        emb, mask, P = model._multimodal_embeddings(
+            inputs["input_ids_BL"], inputs["attention_mask_BL"], inputs["pixel_values_BCHW"]
+        )
+        labels = inputs["labels_BL"]
+        full_labels = torch.cat(
+            [labels[:, :1], torch.full((labels.shape[0], P), IGNORE_INDEX), labels[:, 1:]], dim=1
+        )
+        full = model.language_model(inputs_embeds=emb, attention_mask=mask, labels=full_labels)
+        assert full.logits.shape[1] == emb.shape[1]  # every position
+        torch.testing.assert_close(out.loss, full.loss, rtol=1e-6, atol=1e-6)
+        keep = full_labels[:, 1:] != IGNORE_INDEX
+        assert torch.equal(out.logits_NV.argmax(-1), full.logits[:, :-1][keep].argmax(-1))
+        assert torch.equal(out.labels_N, full_labels[:, 1:][keep])
+    model.eval()
+
+
 def test_batched_prediction_equals_per_sample(built):
     model, proc = built
     images, _ = batch(proc)

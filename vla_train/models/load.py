@@ -35,6 +35,13 @@ from vla_train.models.vla import VLA, VLAConfig
 WEIGHTS_FILE = "model.safetensors"
 
 
+def flash_attention_available() -> bool:
+    """flash-attn can run here: the package is installed and a CUDA device is up."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
 def resolve_attn_implementation(name: str, action_head: str = "tokens") -> str:
     """`auto`: flash-attn when it is installed and CUDA is up, else PyTorch SDPA (always SDPA for the
     l1_parallel head, whose attention mask flash-attn cannot take)."""
@@ -42,11 +49,25 @@ def resolve_attn_implementation(name: str, action_head: str = "tokens") -> str:
         return name
     if action_head == "l1_parallel":
         return "sdpa"
-    import importlib.util
+    return "flash_attention_2" if flash_attention_available() else "sdpa"
 
-    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
-        return "flash_attention_2"
-    return "sdpa"
+
+def attn_for_loading(stored: str, requested: str | None, action_head: str = "tokens") -> str:
+    """The attention a loaded model directory is built with. `requested` (a run's model.attn_implementation,
+    `auto` resolved as for a new model) wins over what its config.json stored (an OpenVLA checkpoint
+    stores none: SDPA). Without a request, a stored flash_attention_2 where flash-attn cannot run (not
+    installed, or no CUDA: an export or evaluation on a CPU-only machine) becomes sdpa, the same attention
+    in exact arithmetic over the same weights. Requesting flash_attention_2 where it cannot run is an
+    error."""
+    if requested is None:
+        return "sdpa" if stored == "flash_attention_2" and not flash_attention_available() else stored
+    chosen = resolve_attn_implementation(requested, action_head)
+    if chosen == "flash_attention_2" and not flash_attention_available():
+        raise ValueError(
+            "model.attn_implementation flash_attention_2 needs the flash-attn package and a CUDA device, "
+            "which this machine lacks: install the [flash] extra on a GPU machine, or use auto or sdpa"
+        )
+    return chosen
 
 
 def vla_config_from(model_cfg: ModelConfig, tokenizer, layout: dict | None = None) -> VLAConfig:
@@ -156,11 +177,15 @@ def stored_layout(directory: str | Path) -> dict[str, Any] | None:
 
 
 def load_with_layout(
-    directory: str | Path, layout: dict[str, Any], seed: int, device: str = "cpu"
+    directory: str | Path,
+    layout: dict[str, Any],
+    seed: int,
+    device: str = "cpu",
+    attn_implementation: str | None = None,
 ) -> tuple[VLA, VLAProcessor, list[str]]:
     """load_model_dir, then the model turned into `layout` (VLA.set_layout; created modules seeded):
     (model, its processor, the names of the modules created)."""
-    model, processor = load_model_dir(directory, device)
+    model, processor = load_model_dir(directory, device, attn_implementation)
     torch.manual_seed(seed)
     added = model.set_layout(layout)
     if added:
@@ -287,16 +312,19 @@ def _load_processor(d: Path, config: VLAConfig) -> VLAProcessor:
     return processor_for(config, tokenizer, ProcessorSettings.load(d))
 
 
-def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLAProcessor]:
-    """Load a vla_train model directory, or an OpenVLA-format one (e.g. openvla-7b) converted on the fly."""
+def load_model_dir(
+    directory: str | Path, device: str = "cpu", attn_implementation: str | None = None
+) -> tuple[VLA, VLAProcessor]:
+    """Load a vla_train model directory, or an OpenVLA-format one (e.g. openvla-7b) converted on the fly;
+    attn_implementation: see attn_for_loading (None: the stored one)."""
     from safetensors.torch import load_file
 
     d = _model_dir(directory)
     from vla_train.models.openvla_format import is_openvla_dir, load_openvla_dir
 
     if is_openvla_dir(d):  # a released OpenVLA checkpoint (timm key layout): converted on load
-        return load_openvla_dir(d, device)
-    config = VLAConfig.from_dict(json.loads((d / "config.json").read_text()))
+        return load_openvla_dir(d, device, attn_implementation=attn_implementation)
+    config = _stored_config(d, attn_implementation)
     with torch.device("meta"):
         model = VLA(config)
     state = load_file(str(d / WEIGHTS_FILE), device=device)
@@ -309,7 +337,15 @@ def load_model_dir(directory: str | Path, device: str = "cpu") -> tuple[VLA, VLA
     return model, _load_processor(d, config)
 
 
-def build_on_meta(directory: str | Path) -> tuple[VLA, VLAProcessor]:
+def _stored_config(d: Path, attn_implementation: str | None) -> VLAConfig:
+    config = VLAConfig.from_dict(json.loads((d / "config.json").read_text()))
+    config.attn_implementation = attn_for_loading(
+        config.attn_implementation, attn_implementation, config.action_head
+    )
+    return config
+
+
+def build_on_meta(directory: str | Path, attn_implementation: str | None = None) -> tuple[VLA, VLAProcessor]:
     """The model of a vla_train model directory with its parameters on the meta device, each in the dtype
     its weights file stores (what load_model_dir would load), checked against the file's header; the
     non-persistent buffers (rotary frequencies, position ids) are real, on the CPU. Nothing of the weights
@@ -320,7 +356,7 @@ def build_on_meta(directory: str | Path) -> tuple[VLA, VLAProcessor]:
     d = _model_dir(directory)
     if is_openvla_dir(d):
         raise ValueError(f"{d} is an OpenVLA-format checkpoint, converted on load: use load_model_dir")
-    config = VLAConfig.from_dict(json.loads((d / "config.json").read_text()))
+    config = _stored_config(d, attn_implementation)
     with torch.device("meta"):
         model = VLA(config)
     with SafetensorsRows(d / WEIGHTS_FILE) as weights:

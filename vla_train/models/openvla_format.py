@@ -541,16 +541,18 @@ def load_openvla_dir(
     *,
     dtype: torch.dtype | None = None,
     center_crop_area: float = 1.0,
+    attn_implementation: str | None = None,
 ) -> tuple[VLA, VLAProcessor]:
     """Load an OpenVLA-format directory (config.json, safetensors shards, tokenizer) as our VLA + processor.
 
     dtype: cast floating-point weights to it (None keeps the checkpoint's; openvla-7b is bfloat16).
     center_crop_area: evaluation centre crop of the processor (OpenVLA uses 0.9 for models fine-tuned with
     random-crop augmentation, e.g. its LIBERO models; 1.0 = none, right for openvla-7b itself).
+    attn_implementation: the attention to build it with (load.attn_for_loading; None: SDPA).
     """
     from transformers import AutoTokenizer, PretrainedConfig
 
-    from vla_train.models.load import _rebuild_non_persistent_buffers, make_processor
+    from vla_train.models.load import _rebuild_non_persistent_buffers, attn_for_loading, make_processor
 
     d = Path(directory)
     if not is_openvla_dir(d):
@@ -563,6 +565,7 @@ def load_openvla_dir(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     config = openvla_vla_config(cfg, {k: tuple(v.shape) for k, v in state.items()}, tokenizer)
+    config.attn_implementation = attn_for_loading(config.attn_implementation, attn_implementation)
     with torch.device("meta"):
         model = VLA(config)
     converted = convert_openvla_state_dict(state, config, model)

@@ -22,7 +22,9 @@ def lr_factor(step: int, t: TrainingConfig) -> float:
 
 
 def optimizer_for(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; biases and norms (1-D) get no weight decay."""
+    """AdamW over the trainable parameters; biases and norms (1-D) get no weight decay. Fused (one kernel
+    per group of tensors, no temporaries the size of the states) when every trainable parameter is a
+    floating-point CUDA tensor; torch's default (single-tensor on CPU) otherwise."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -31,7 +33,15 @@ def optimizer_for(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Opti
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    fused = uses_fused_adamw([*decay, *no_decay])
+    return torch.optim.AdamW(
+        groups, lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True if fused else None
+    )
+
+
+def uses_fused_adamw(params: list[torch.Tensor]) -> bool:
+    """Whether optimizer_for makes a fused AdamW for these parameters: all on CUDA, all floating point."""
+    return bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
 
 
 def schedule_for(optimizer: torch.optim.Optimizer, t: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -40,7 +40,7 @@ stated physical quantity (bytes of tensors that exist at the peak), not a fitted
   gradients, 3 i for a decoder layer and 2 i for a vision block, in the activation dtype; the logits'
   gradients for the head; one dequantized weight under QLoRA; FSDP's gathered parameters) over the
   backward, and of (all gradients + the optimizer step's temporaries: two of the largest tensor for
-  the single-tensor AdamW on CPU, one per second-moment tensor for the foreach AdamW on GPU). With
+  the single-tensor AdamW on CPU, none for the fused AdamW the trainer uses on GPU). With
   gradient accumulation the gradients of earlier micro-batches are all held already.
 
 Host memory per rank: the model load (the weights file, or the rank's shard of it under FSDP) plus the
@@ -640,9 +640,9 @@ def _peak(plan: _Plan, segments: list[_Segment], cfg: TrainConfig, model, world_
     if device == "cpu":  # single-tensor AdamW: two temporaries (sqrt, division) of one tensor at a time
         step_ws = 2 * max((n * b for seg in plan.trainable.values() for n, b in seg), default=0) / plan.shard
         step_how = "AdamW's temporaries for the largest trainable tensor"
-    else:  # foreach AdamW: a temporary for every second-moment tensor at once
-        step_ws = grad_total
-        step_how = "foreach AdamW's temporaries (one per second-moment tensor)"
+    else:  # fused AdamW (training/optim.py on CUDA): updated in place, no temporaries of the states' size
+        step_ws = 0.0
+        step_how = "fused AdamW (in place)"
     if grad_total + step_ws > peak[0]:
         return "the optimizer step", 0.0, grad_total, step_ws, step_how
     return peak[1], peak[2], peak[3], peak[4], ", ".join(parts)
@@ -666,6 +666,7 @@ def estimate(
     *,
     prompt_tokens: int = PROMPT_TOKENS,
     checkpoint_dtype_bytes: int | None = None,
+    logits_at: str = "labelled",
 ) -> MemoryEstimate:
     """The peak memory per rank of a training step of `cfg` on `world_size` ranks, without loading a weight
     (the formulas are in the module docstring).
@@ -674,7 +675,9 @@ def estimate(
     prompt_tokens: BOS + prompt + empty piece of the longest instruction (the default: a typical OpenVLA
     prompt under Llama-2's tokenizer). checkpoint_dtype_bytes: bytes per element of the stored base
     weights instead of what the weights file says (e.g. 2 to plan a LoRA run over a bf16 checkpoint that
-    is not on this machine).
+    is not on this machine). logits_at: "labelled" (what VLA.forward does: the LM head projects the
+    labelled positions only) or "all" (the counterfactual of a causal LM's usual forward, logits at
+    every position of the sequence, for stating what the first saves).
     """
     import torch
 
@@ -692,8 +695,10 @@ def estimate(
     micro = max(1, t.batch_size // (world_size * t.grad_accum_steps))
     action_tokens = c.action_dim * (cfg.data.future_action_window_size + 1)
     text = prompt_tokens + action_tokens + 1  # + EOS
-    N = action_tokens + 1  # labelled positions per frame
     L = c.num_patches + text
+    if logits_at not in ("labelled", "all"):
+        raise ValueError(f"logits_at is 'labelled' or 'all', not {logits_at!r}")
+    N = action_tokens + 1 if logits_at == "labelled" else L  # positions the LM head projects, per frame
     segments = _segments_of(plan, c, cfg, micro, L, N, padded_vocab(c.base_vocab_size, c.pad_to_multiple_of))
 
     grad_total = sum(s.grads for s in segments)

@@ -42,7 +42,6 @@ from vla_train.models.load import (
 )
 from vla_train.models.openvla_format import is_openvla_dir
 from vla_train.models.peft import apply_lora, set_finetune_mode
-from vla_train.models.vla import VLA
 from vla_train.runs import (
     CONFIG_FILE,
     STATS_FILE,
@@ -65,13 +64,9 @@ from vla_train.training.checkpoint import (
 from vla_train.training.distributed import (
     DistContext,
     all_gather_objects,
-    all_reduce_sum,
-    autocast,
     barrier,
     broadcast_object,
-    clip_grad_norm,
     cores_per_rank,
-    gradient_sync,
     init_distributed,
     local_world_size,
     long_barrier,
@@ -83,11 +78,12 @@ from vla_train.training.distributed import (
 from vla_train.training.evaluate import validate
 from vla_train.training.faults import NonFiniteError, PreemptionWatcher, StepWatchdog, nonfinite_report
 from vla_train.training.logging import MetricsLogger, NullLogger
-from vla_train.training.metrics import accumulate, action_metrics, finalize
+from vla_train.training.metrics import accumulate, finalize
 from vla_train.training.optim import optimizer_for, schedule_for
 from vla_train.training.plots import last_validation, write_curves
 from vla_train.training.preflight import check_before_loading
 from vla_train.training.slurm import job_to_requeue, requeue
+from vla_train.training.step import StepParts, StepResult, optimizer_step
 
 
 @dataclass
@@ -148,22 +144,16 @@ def resume_data_position(
     )
 
 
-@dataclass
-class Run:
-    """Everything a run's loop works with, made by `setup`."""
+@dataclass(kw_only=True)
+class Run(StepParts):
+    """Everything a run's loop works with, made by `setup`: an optimizer step's parts (ctx, vla, model,
+    processor, params, optimizer, scheduler, max_grad_norm) and the rest."""
 
     cfg: TrainConfig
-    ctx: DistContext
     run_dir: Path
     config_yaml: str
     datasets: tuple[tuple[str, float], ...]  # (dataset, raw weight) the run reads
     norm_stats: dict[str, Any]  # {dataset: statistics + normalization} (OpenVLA's norm_stats)
-    vla: VLA  # the model itself (sharded in place under FSDP)
-    model: torch.nn.Module  # what the training forward calls (the DDP wrapper, or `vla`)
-    processor: Any
-    params: list[torch.Tensor]  # the trainable parameters (clipped together)
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
     plan: DataPlan
     stream: ShardedStream
     data_seed: int
@@ -182,21 +172,6 @@ class Run:
     def say(self, msg: str) -> None:
         if self.ctx.is_main:
             print(msg, flush=True)
-
-
-@dataclass
-class StepResult:
-    sums: dict[str, Any]  # metric sums of the step's micro-batches on this rank (metrics.action_metrics)
-    loss: float  # the last micro-batch's loss on this rank (for the progress bar)
-    lr: float  # the learning rate of this step
-    grad_norm: float  # before clipping, over all ranks (non-finite: the step was not applied)
-    stop: bool = False  # some rank was asked to stop: this is the run's last step
-    losses: list[float] = field(default_factory=list)  # this rank's micro-batch losses (non-finite steps)
-    datasets: list[str] = field(default_factory=list)  # the datasets of each micro-batch (idem)
-
-    @property
-    def nonfinite(self) -> bool:
-        return not math.isfinite(self.grad_norm)
 
 
 @dataclass
@@ -313,9 +288,11 @@ def _load_model(cfg: TrainConfig, ctx: DistContext, run_dir: Path, datasets, nor
         why = "an OpenVLA-format checkpoint" if is_openvla_dir(base_dir) else "a model of another layout"
         print(f"{base_dir} is {why}: every rank loads it whole, then shards it")
     if on_meta:
-        model, processor = build_on_meta(base_dir)
+        model, processor = build_on_meta(base_dir, cfg.model.attn_implementation)
     else:
-        model, processor, added = load_with_layout(base_dir, layout, t.seed)
+        model, processor, added = load_with_layout(
+            base_dir, layout, t.seed, attn_implementation=cfg.model.attn_implementation
+        )
         if added and ctx.is_main:
             print(f"{base_dir}: new modules {', '.join(added)} for the run's layout {layout}")
     model.config.norm_stats = norm_stats
@@ -410,6 +387,7 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
     run = Run(
         cfg=cfg, ctx=ctx, run_dir=run_dir, config_yaml=config_yaml, datasets=datasets, norm_stats=norm_stats,
         vla=vla, model=model, processor=processor, params=params, optimizer=optimizer, scheduler=scheduler,
+        max_grad_norm=t.max_grad_norm,
         plan=plan, stream=stream, data_seed=data_seed, logger=logger, watcher=PreemptionWatcher(),
         watchdog=StepWatchdog(t.step_timeout_s, ctx.rank), step=step, last_saved=step if ckpt else None, checkpoint=ckpt,
         start_step=step, best=broadcast_object(_best_so_far(run_dir, t) if ctx.is_main else None, ctx),
@@ -424,45 +402,13 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
 
 
 def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> StepResult:
-    """One optimizer step over this rank's micro-batches: forward/backward each (gradients synced on the
-    last), clip, step, schedule. Call on every rank.
-
-    One collective comes first: the step's supervised-token count over all ranks and micro-batches (the
-    loss is the sum of token losses over it), and whether any rank was asked to stop (the step still
-    runs: `stop` says it is the last). A non-finite global gradient norm (any rank's loss or gradient
-    non-finite; every rank sees the same norm) leaves the weights, optimizer and schedule untouched.
-    """
-    ctx, vla = run.ctx, run.vla
+    """One optimizer step over this rank's micro-batches of the stream (step.optimizer_step on their model
+    inputs; per-dataset sums only when the run reads several datasets). Call on every rank."""
     inputs = [model_inputs(run.processor, b) for b in micro_batches]
-    n_tok = [run.processor.supervised_count(x) for x in inputs]
-    n_tok_global, stop = all_reduce_sum([sum(n_tok), float(run.watcher.requested)], ctx)
-    lr = run.optimizer.param_groups[0]["lr"]
-    sums: dict[str, Any] = {}
-    losses = []
-    for i, (b, x) in enumerate(zip(micro_batches, inputs, strict=True)):
-        with gradient_sync(run.model, enabled=i == len(micro_batches) - 1):
-            with autocast(ctx):
-                out = run.model(**{k: v.to(ctx.device) for k, v in x.items()})
-            # DDP and FSDP average gradients over ranks, hence the world size factor.
-            (out.loss * (n_tok[i] * ctx.world_size / n_tok_global)).backward()
-        losses.append(out.loss.detach())
-        # per-dataset sums (an extra cross-entropy) only when the run reads several datasets
-        names = b["dataset_name"] if len(run.norm_stats) > 1 else None
-        accumulate(sums, action_metrics(out, run.processor.action_tokenizer, names))
-        frames = len(b["instruction"])
-        tokens = int(x["attention_mask_BL"].sum()) + frames * vla.config.num_prefix_tokens
-        if "actions_BKA" in x:  # the l1_parallel head's slots
-            tokens += frames * vla.config.num_action_slots
-        accumulate(sums, {"frames": frames, "tokens": tokens})
-    grad_norm = clip_grad_norm(run.params, run.cfg.training.max_grad_norm)
-    result = StepResult(sums, out.loss.item(), lr, grad_norm, stop=bool(stop))
+    names = [b["dataset_name"] for b in micro_batches] if len(run.norm_stats) > 1 else None
+    result = optimizer_step(run, inputs, names, stop_requested=run.watcher.requested)
     if result.nonfinite:
-        result.losses = [float(x) for x in losses]
         result.datasets = [", ".join(sorted(set(b["dataset_name"]))) for b in micro_batches]
-    else:
-        run.optimizer.step()
-        run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     return result
 
 
