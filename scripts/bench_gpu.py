@@ -24,14 +24,18 @@ order: each tower, then the projector, the LLM, the LM head) trains, plus 2 * in
 gradient of its weight when it trains. A LoRA adapter of rank r on that layer: 2 r (in + out) T
 forward and 4 r (in + out) T backward. Attention: 4 * T^2 * width per layer forward (scores and the
 weighted sum, all T^2 pairs, also for the causal LLM), twice that backward when anything at or before
-the layer trains. T: DINOv2 patches + CLS + registers, SigLIP and the projector the patches, the LLM
+the layer trains. "Before" follows the modules' registration order: q/k/v (and gate/up) are parallel
+in the graph, which over-counts a few input gradients of a tower's first block under LoRA (about 1e-5 of
+the total). T: DINOv2 patches + CLS + registers, SigLIP and the projector the patches, the LLM
 patches + text, the LM head the labelled positions only (VLA.forward projects those; action tokens +
 EOS). For a full fine-tune this is 6 N per token of each part plus attention; frozen towers cost their
 forward only. MFU = model FLOPs per second / the device's peak dense bf16 FLOP/s (--peak-tflops, or
 known for H100/H200 SXM 989.4 and A100 312).
 
 Peak memory: torch.cuda.max_memory_allocated and max_memory_reserved over the timed steps (after the
-warm-up, so the optimizer states exist), per rank. On CPU the process's peak RSS is reported instead.
+warm-up, so the optimizer states exist), per rank, with what was allocated before the mode's model was
+built (the previous mode's leftovers; ~0 when freed). On CPU the process's peak RSS so far is reported
+instead (not per mode).
 The preflight (vla_train/training/preflight.py) estimates the same step from the same config, with the
 labelled-positions-only LM head and, beside it, for logits at every position (what that saves).
 """
@@ -39,6 +43,7 @@ labelled-positions-only LM head and, beside it, for logits at every position (wh
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -54,8 +59,12 @@ sys.path.insert(0, str(REPO))
 
 MODES = ("lora", "qlora", "full", "frozen_vision")
 DEFAULT_BATCH = {"lora": 16, "qlora": 8, "full": 16, "frozen_vision": 16}
-# Peak dense bf16 tensor FLOP/s (no sparsity) by device name.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0}
+# Peak dense bf16 tensor FLOP/s (no sparsity) by device name, the first match in this order (the PCIe and
+# NVL boards run lower clocks than the SXM ones).
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0,
+    "H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0,
+}  # fmt: skip
 INSTRUCTION = "pick up the black bowl between the plate and the ramekin and place it on the plate"
 HEAVY = ("tensorflow", "tensorflow_datasets", "draccus")
 GIB = 2**30
@@ -274,6 +283,8 @@ def run_mode(args, mode: str, ctx, tokenizer, model_cfg) -> dict:
     from vla_train.training.step import StepParts, optimizer_step
 
     batch = args.batch_size or DEFAULT_BATCH[mode]
+    if batch % ctx.world_size:
+        raise SystemExit(f"--batch-size {batch} ({mode}) is not a multiple of the {ctx.world_size} ranks")
     strategy = ctx.strategy if mode in ("full", "frozen_vision") or ctx.strategy != "fsdp" else "ddp"
     mode_ctx = replace(ctx, strategy=strategy)
     cfg = train_config(model_cfg, mode, batch, strategy, args.activation_checkpointing)
@@ -308,16 +319,18 @@ def run_mode(args, mode: str, ctx, tokenizer, model_cfg) -> dict:
     if args.preflight_only:
         return result
 
+    gc.collect()  # the previous mode's model and optimizer
     if dev_kind == "cuda":
         torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
     vla, module = build_mode(cfg, mode, config, mode_ctx, args.seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = optimizer_for(module, cfg.training)
     parts = StepParts(
         mode_ctx, vla, module, processor, params, optimizer, schedule_for(optimizer, cfg.training), 1.0
     )
-    result["parameters"] = {
-        "total": sum(p.numel() for p in vla.parameters()),
+    result["parameters"] = {  # the total as built (a 4-bit layer packs two weights per stored element)
+        "total": sum(p.numel() for p in meta.parameters()),
         "trainable": sum(p.numel() for p in params),
     }
     result["fused_adamw"] = uses_fused_adamw(params)
@@ -348,11 +361,11 @@ def run_mode(args, mode: str, ctx, tokenizer, model_cfg) -> dict:
         result["memory_gib"] = {
             "max_allocated": round(torch.cuda.max_memory_allocated() / GIB, 3),
             "max_reserved": round(torch.cuda.max_memory_reserved() / GIB, 3),
+            "allocated_before_build": round(before / GIB, 3),
         }
     else:
-        result["memory_gib"] = {
-            "peak_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
-        }
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+        result["memory_gib"] = {"process_peak_rss": round(rss, 3)}
     del parts, optimizer, params, module, vla, batches
     return result
 
@@ -415,20 +428,20 @@ def main() -> None:
         "world_size": ctx.world_size, "torch": torch.__version__, "warmup": args.warmup, "steps": args.steps,
         "modes": {},
     }  # fmt: skip
-    for mode in modes:
-        result["modes"][mode] = run_mode(args, mode, ctx, tokenizer, model_cfg)
-        if ctx.is_main:
-            print(json.dumps({mode: result["modes"][mode]}), file=sys.stderr, flush=True)
-    result["heavy_imports"] = sorted(m for m in HEAVY if m in sys.modules)
+    result["heavy_imports"] = []
+    for mode in modes:  # each mode's JSON and row written as it finishes: a later mode's failure keeps them
+        result["modes"][mode] = r = run_mode(args, mode, ctx, tokenizer, model_cfg)
+        result["heavy_imports"] = sorted(m for m in HEAVY if m in sys.modules)
+        if not ctx.is_main:
+            continue
+        print(json.dumps({mode: r}), file=sys.stderr, flush=True)
+        if args.json and args.json != "-":
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        if args.markdown:
+            write_rows(Path(args.markdown), {**result, "modes": {mode: r}}, " ".join(sys.argv[1:]))
     shutdown(ctx)
-    if not ctx.is_main:
-        return
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json and args.json != "-":
-        Path(args.json).write_text(text)
-    if args.markdown:
-        write_rows(Path(args.markdown), result, " ".join(sys.argv[1:]))
+    if ctx.is_main:
+        print(json.dumps(result, indent=2))
 
 
 def write_rows(path: Path, result: dict, argv: str) -> None:
@@ -442,7 +455,7 @@ def write_rows(path: Path, result: dict, argv: str) -> None:
         measured = (
             f"{mem['max_allocated']} / {mem['max_reserved']}"
             if "max_allocated" in mem
-            else mem.get("peak_rss", "-")
+            else mem.get("process_peak_rss", "-")
         )
         speed = (
             f"{r['step_time_s']} s, {r['samples_per_s']} samples/s, {r['tokens_per_s']:.0f} tokens/s"

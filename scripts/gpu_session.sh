@@ -30,7 +30,7 @@ run)
   out=${OUT:-/tmp/gpu_session}
   mkdir -p "$out"
   nvidia-smi >"$out/nvidia_smi.txt" 2>&1 || true
-  python3 -c 'import torch, transformers, peft, bitsandbytes as b; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "| transformers", transformers.__version__, "| peft", peft.__version__, "| bitsandbytes", b.__version__)' | tee "$out/versions.txt"
+  python3 -c 'import torch, transformers, peft, bitsandbytes as b; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "| transformers", transformers.__version__, "| peft", peft.__version__, "| bitsandbytes", b.__version__)' 2>&1 | tee "$out/versions.txt" || true  # a broken carried bitsandbytes fails qlora only
   bench() {  # name, timeout (s), bench_gpu.py arguments
     local name=$1 limit=$2
     shift 2

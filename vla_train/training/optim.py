@@ -39,6 +39,19 @@ def optimizer_for(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Opti
     )
 
 
+def pin_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """Choose fused or torch's default AdamW for the parameters as they are now. A restored optimizer state
+    brings its param_groups' `fused`/`foreach` from where it was saved (a GPU checkpoint resumed on a
+    CPU, or one saved before AdamW was fused on CUDA): call after loading one."""
+    fused = uses_fused_adamw([p for g in optimizer.param_groups for p in g["params"]])
+    for g in optimizer.param_groups:
+        g["fused"], g["foreach"] = (True if fused else None), None
+        for p in g["params"] if fused else []:  # the fused kernel takes its step counts on the device
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 def uses_fused_adamw(params: list[torch.Tensor]) -> bool:
     """Whether optimizer_for makes a fused AdamW for these parameters: all on CUDA, all floating point."""
     return bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)

@@ -79,7 +79,7 @@ from vla_train.training.evaluate import validate
 from vla_train.training.faults import NonFiniteError, PreemptionWatcher, StepWatchdog, nonfinite_report
 from vla_train.training.logging import MetricsLogger, NullLogger
 from vla_train.training.metrics import accumulate, finalize
-from vla_train.training.optim import optimizer_for, schedule_for
+from vla_train.training.optim import optimizer_for, pin_implementation, schedule_for
 from vla_train.training.plots import last_validation, write_curves
 from vla_train.training.preflight import check_before_loading
 from vla_train.training.slurm import job_to_requeue, requeue
@@ -364,6 +364,7 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
     step, notes = 0, []
     if ckpt is not None:
         restored = restore_checkpoint(ckpt, model, optimizer, scheduler, ctx)
+        pin_implementation(optimizer)
         step = restored.step
         data_seed, saved_position, data_note = resume_data_position(restored, plan, t, ctx)
         notes = [
