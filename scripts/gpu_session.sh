@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's device check, prepared so that a session lent a GPU runs it at once (one call, ~5 minutes of
-# the 8 it may take on one H100/H200): openvla-7b LoRA r32 batch 16 (with and without activation
-# checkpointing) and QLoRA nf4 batch 8, minivla full fine-tune and frozen vision, each with its step time,
+# the 8 it may take on one H100/H200): openvla-7b LoRA r32 batch 16 and QLoRA nf4 batch 8 (each with and
+# without activation checkpointing), minivla full fine-tune and frozen vision, each with its step time,
 # MFU, peak memory and the preflight's estimate, as rows of BENCHMARKS.md and JSON under $OUT.
 #
 #   here, once:  bash scripts/gpu_session.sh prepare
@@ -37,9 +37,9 @@ run)
     timeout "$limit" python3 scripts/bench_gpu.py "$@" --json "$out/$name.json" --markdown BENCHMARKS.md \
       >/dev/null 2>"$out/$name.log" && echo "$name: ok" || echo "$name: failed ($?), see $name.log"
   }
-  bench openvla_7b 200 --preset openvla_7b --modes lora,qlora --warmup 3 --steps 10
-  bench openvla_7b_ckpt 110 --preset openvla_7b --modes lora --warmup 2 --steps 6 --activation-checkpointing
-  bench minivla 130 --preset minivla --modes full,frozen_vision --warmup 3 --steps 10
+  bench openvla_7b 190 --preset openvla_7b --modes lora,qlora --warmup 3 --steps 10
+  bench openvla_7b_ckpt 150 --preset openvla_7b --modes lora,qlora --warmup 2 --steps 6 --activation-checkpointing
+  bench minivla 120 --preset minivla --modes full,frozen_vision --warmup 3 --steps 10
   cp BENCHMARKS.md "$out/BENCHMARKS.md"
   ;;
 *)
